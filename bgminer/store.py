@@ -289,6 +289,11 @@ class Store:
         with self.write() as db:
             db.executemany("UPDATE images SET embedded = 1 WHERE id = ?", [(int(i),) for i in ids])
 
+    def reject_image(self, image_id: int, reason: str, detail: str) -> None:
+        """Mark an ingested image unusable (e.g. the file changed or vanished before embedding)."""
+        with self.write() as db:
+            db.execute("UPDATE images SET status = 'rejected', reason = ?, detail = ?, embedded = 0 WHERE id = ?", (reason, detail, image_id))
+
     def embedded_count(self) -> int:
         return self.db.execute("SELECT COUNT(*) FROM images WHERE status = 'ok' AND embedded = 1").fetchone()[0]
 
@@ -432,7 +437,7 @@ class Store:
             ).lastrowid
 
     def update_model(self, model_id: int, **fields: Any) -> None:
-        cols = {k: json.dumps(v) if k in ("config", "label_counts", "losses", "metrics") else v for k, v in fields.items()}
+        cols = {k: json.dumps(v, default=str) if k in ("config", "label_counts", "losses", "metrics") else v for k, v in fields.items()}
         with self.write() as db:
             db.execute(f"UPDATE models SET {', '.join(f'{k} = ?' for k in cols)} WHERE id = ?", (*cols.values(), model_id))
 
@@ -461,7 +466,7 @@ class Store:
             ).lastrowid
 
     def update_job(self, job_id: int, **fields: Any) -> None:
-        cols = {k: json.dumps(v) if k in ("params", "result") else v for k, v in fields.items()}
+        cols = {k: json.dumps(v, default=str) if k in ("params", "result") else v for k, v in fields.items()}
         if cols.get("state") in ("done", "failed", "cancelled"):
             cols.setdefault("finished_at", time.time())
         with self.write() as db:

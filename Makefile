@@ -1,0 +1,37 @@
+# Two commands do all the set-up on a fresh machine:
+#   make app    -> virtualenv + requirements + demo project, then the Streamlit app
+#   make test   -> virtualenv + requirements (+ Chromium for the browser test), then pytest
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DEMO ?= projects/demo
+PORT ?= 8501
+
+.PHONY: install app demo test bench-embed lint system-deps
+
+$(VENV)/.installed: requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps -e .
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(PY) -m bgminer demo $(DEMO)
+
+app: demo
+	BGMINER_PROJECT=$(DEMO) $(VENV)/bin/streamlit run app.py --server.port $(PORT) --server.headless true
+
+# Chromium + chromedriver for the browser end-to-end test (Debian packages; needs root).
+system-deps:
+	@if [ ! -x /usr/bin/chromium ]; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; \
+	  else echo "note: /usr/bin/chromium missing and not root: the browser test will be skipped"; fi; fi
+
+test: install system-deps
+	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check bgminer tests bench pages app.py

@@ -1,0 +1,95 @@
+"""Background jobs: long work runs on a worker thread, reports progress into the store's
+jobs table and stops when a cancel is requested there.
+
+The UI only reads job rows (it never receives callbacks from a worker), so a Streamlit
+page can poll the store from its own thread and never touch Streamlit from a worker.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import traceback
+from typing import Any, Callable
+
+from .progress import CancelToken, Cancelled
+from .store import JobRecord, Store
+
+# Progress writes are throttled so a fast loop does not hammer SQLite.
+_MIN_UPDATE_INTERVAL = 0.25
+
+JobFn = Callable[..., Any]  # fn(progress=..., cancel=...) -> JSON-able result
+
+
+class JobRunner:
+    """Starts jobs on daemon threads; at most one job of each kind runs at a time."""
+
+    def __init__(self, store: Store):
+        self.store = store
+        self._threads: dict[int, threading.Thread] = {}
+        self._tokens: dict[int, CancelToken] = {}
+        self._lock = threading.Lock()
+
+    def start(self, kind: str, fn: JobFn, params: dict[str, Any] | None = None) -> int:
+        with self._lock:
+            for job_id, thread in self._threads.items():
+                if thread.is_alive() and self.store.job(job_id).kind == kind:
+                    raise RuntimeError(f"a {kind} job (#{job_id}) is already running")
+            job_id = self.store.add_job(kind, params)
+            token = CancelToken(is_set=lambda: self.store.job(job_id).cancel_requested)
+            thread = threading.Thread(target=self._run, args=(job_id, fn, token), name=f"bgminer-{kind}-{job_id}", daemon=True)
+            self._threads[job_id] = thread
+            self._tokens[job_id] = token
+        thread.start()
+        return job_id
+
+    def run_inline(self, kind: str, fn: JobFn, params: dict[str, Any] | None = None) -> JobRecord:
+        """Run a job on the calling thread (CLI), recorded like a background one."""
+        job_id = self.store.add_job(kind, params)
+        self._run(job_id, fn, CancelToken(is_set=lambda: self.store.job(job_id).cancel_requested))
+        return self.store.job(job_id)
+
+    def cancel(self, job_id: int) -> None:
+        self.store.request_cancel(job_id)
+        token = self._tokens.get(job_id)
+        if token is not None:
+            token.cancel()
+
+    def wait(self, job_id: int, timeout: float | None = None) -> JobRecord:
+        thread = self._threads.get(job_id)
+        if thread is not None:
+            thread.join(timeout)
+        return self.store.job(job_id)
+
+    def _run(self, job_id: int, fn: JobFn, token: CancelToken) -> None:
+        store = self.store
+        store.update_job(job_id, state="running", started_at=time.time())
+        last = 0.0
+
+        def progress(done: int, total: int, message: str = "") -> None:
+            nonlocal last
+            now = time.monotonic()
+            if now - last >= _MIN_UPDATE_INTERVAL or done >= total:
+                last = now
+                store.update_job(job_id, progress=(done / total) if total else 1.0, message=message)
+
+        try:
+            result = fn(progress=progress, cancel=token)
+        except Cancelled:
+            store.update_job(job_id, state="cancelled", message="cancelled")
+        except Exception as exc:  # the job row carries the error to the UI / CLI
+            store.update_job(job_id, state="failed", error=f"{type(exc).__name__}: {exc}", message=traceback.format_exc(limit=3))
+        else:
+            store.update_job(job_id, state="done", progress=1.0, result=_jsonable(result))
+        finally:
+            store.close()
+
+
+def _jsonable(result: Any) -> dict[str, Any]:
+    from dataclasses import asdict, is_dataclass
+
+    if is_dataclass(result):
+        return asdict(result)
+    if isinstance(result, dict):
+        return result
+    return {"value": result}

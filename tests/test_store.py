@@ -1,0 +1,98 @@
+import multiprocessing as mp
+
+import pytest
+
+from bgminer.store import SCHEMA_VERSION, Store, StoreError
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = Store(tmp_path / "p.sqlite")
+    s.add_images([{"path": f"/img/{i}.png", "sha256": str(i), "status": "ok"} for i in range(5)])
+    s.add_category("cat")
+    return s
+
+
+def test_schema_version_and_wal(tmp_path):
+    s = Store(tmp_path / "p.sqlite")
+    assert s.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    assert s.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_reopening_keeps_data(tmp_path, store):
+    store.add_labels("cat", [(1, "positive")])
+    store.close()
+    assert Store(tmp_path / "p.sqlite").labels("cat") == {1: "positive"}
+
+
+def test_current_label_is_latest_event(store):
+    store.add_labels("cat", [(1, "positive"), (2, "negative")])
+    store.add_labels("cat", [(1, "negative")])
+    assert store.labels("cat") == {1: "negative", 2: "negative"}
+    assert len(store.label_history("cat")) == 3
+
+
+def test_undo_restores_previous_value_step_by_step(store):
+    store.add_labels("cat", [(1, "positive")])
+    store.add_labels("cat", [(1, "negative")])
+    store.add_labels("cat", [(2, "positive")])
+    assert store.undo().image_id == 2
+    assert store.labels("cat") == {1: "negative"}
+    assert store.undo().value == "negative"
+    assert store.labels("cat") == {1: "positive"}
+    store.undo()
+    assert store.labels("cat") == {}
+    assert store.undo() is None
+
+
+def test_cleared_label_disappears(store):
+    store.add_labels("cat", [(3, "positive")])
+    store.add_labels("cat", [(3, "cleared")])
+    assert store.labels("cat") == {}
+
+
+def test_unknown_category_and_image_are_clear_errors(store):
+    with pytest.raises(StoreError, match="unknown category 'dog'"):
+        store.add_labels("dog", [(1, "positive")])
+    with pytest.raises(StoreError, match="no ingested image"):
+        store.add_labels("cat", [(999, "positive")])
+    with pytest.raises(StoreError, match="label value"):
+        store.add_labels("cat", [(1, "maybe")])
+
+
+def test_rename_category_keeps_labels(store):
+    store.add_labels("cat", [(1, "positive")])
+    store.rename_category("cat", "feline")
+    assert store.labels("feline") == {1: "positive"}
+    with pytest.raises(StoreError):
+        store.labels("cat")
+
+
+def _label_many(path, offset):
+    s = Store(path)
+    for i in range(40):
+        s.add_labels("cat", [(1 + (i + offset) % 5, "positive" if i % 2 else "negative")], author=f"p{offset}")
+
+
+def test_concurrent_writers_lose_nothing(tmp_path, store):
+    path = tmp_path / "p.sqlite"
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_label_many, args=(path, k)) for k in (0, 1)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    events = Store(path).label_history("cat", limit=1000)
+    assert len(events) == 80
+    assert {e.author for e in events} == {"p0", "p1"}
+
+
+def test_jobs_record_state(store):
+    job = store.add_job("embed", {"n": 3})
+    store.update_job(job, state="running", progress=0.5, message="half")
+    assert store.job(job).active
+    store.request_cancel(job)
+    assert store.job(job).cancel_requested
+    store.update_job(job, state="cancelled")
+    assert store.job(job).finished_at is not None
