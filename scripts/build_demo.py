@@ -33,7 +33,7 @@ MIN_LONG_SIDE = 96
 LICENSE_TEMPLATE = """\
 # Demo images: source and licence
 
-The {n_images} images in this folder (`img_*.png`) are downscaled copies of clip art
+The {n_images} images in this folder (`images/img_*.png`) are downscaled copies of clip art
 from the Open Clip Art Library (https://openclipart.org) as packaged by Debian:
 `{package}` (`apt-get download openclipart-png`). The package's copyright file
 dedicates the works to the public domain (Creative Commons Public Domain Dedication /
@@ -116,12 +116,13 @@ def build(out_dir: Path, size: int, rare_fraction: float, long_side: int, seed: 
     """Write the images, ``labels.csv`` and ``LICENSE.md``; returns counts and bytes written."""
     items = openclipart()
     chosen = choose(items, size, rare_fraction, seed)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in out_dir.glob("img_*.png"):
+    image_dir = out_dir / "images"
+    image_dir.mkdir(parents=True, exist_ok=True)
+    for stale in image_dir.glob("img_*.png"):
         stale.unlink()
     rows = []
     for number, item in enumerate(chosen, start=1):
-        name = f"img_{number:04d}.png"
+        name = f"images/img_{number:04d}.png"
         (out_dir / name).write_bytes(encode(item, long_side))
         rows.append((name, item.category))
     with open(out_dir / "labels.csv", "w", newline="") as f:
@@ -142,7 +143,7 @@ def build(out_dir: Path, size: int, rare_fraction: float, long_side: int, seed: 
             long_side=long_side,
         )
     )
-    total_bytes = sum(f.stat().st_size for f in out_dir.iterdir() if f.is_file())
+    total_bytes = sum(f.stat().st_size for f in out_dir.rglob("*") if f.is_file())
     if total_bytes > MAX_BYTES:
         raise RuntimeError(f"demo is {total_bytes / 1e6:.1f} MB, over the {MAX_BYTES / 1e6:.0f} MB budget")
     return {"images": len(rows), "rare": n_rare, "categories": len({c for _, c in rows}), "bytes": total_bytes}

@@ -14,7 +14,7 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 
 
 def image_names() -> list[str]:
-    return sorted(p.name for p in DEMO.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    return sorted(f"images/{p.name}" for p in (DEMO / "images").iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def labels() -> dict[str, str]:
@@ -58,7 +58,7 @@ def test_labels_cover_exactly_the_images():
 
 
 def test_file_names_do_not_reveal_the_class():
-    assert all(re.fullmatch(r"img_\d{4}\.png", name) for name in image_names())
+    assert all(re.fullmatch(r"images/img_\d{4}\.png", name) for name in image_names())
 
 
 def test_rare_class_is_3_to_5_percent():
