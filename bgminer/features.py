@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import copy
 import os
-import time
 import queue
 import threading
+import time
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -209,3 +209,35 @@ def embed_images(
         del arrays
     seconds = time.perf_counter() - start
     return EmbedReport(done, failed, seconds, done / seconds if seconds > 0 else 0.0, dev.type)
+
+
+class PixelLoader:
+    """Preprocessed pixels by image id, for full-mode training (augmented) and scoring.
+
+    Training views use random-resized-crop + horizontal flip on the decoded image; eval views
+    use the backbone's own :class:`Preprocess`, exactly as when embedding.
+    """
+
+    def __init__(self, store: Store, backbone: Backbone, threads: int | None = None):
+        from torchvision.transforms import v2
+
+        self.paths = store.image_paths(store.image_ids())
+        self.eval_transform = Preprocess(backbone.preprocess)
+        cfg = backbone.preprocess
+        self.train_transform = v2.Compose(
+            [
+                v2.RandomResizedCrop(cfg.crop, scale=(0.35, 1.0), antialias=True),
+                v2.RandomHorizontalFlip(),
+                v2.ToDtype(torch.float32, scale=True),
+                v2.Normalize(list(cfg.mean), list(cfg.std)),
+            ]
+        )
+        self.draft_size = cfg.resize
+        self.pool = ThreadPoolExecutor(max_workers=threads or max(1, min(4, os.cpu_count() or 1)))
+
+    def _one(self, image_id: int, train: bool) -> torch.Tensor:
+        pixels = to_tensor_uint8(load_rgb(self.paths[int(image_id)], draft_size=self.draft_size))
+        return self.train_transform(pixels) if train else self.eval_transform(pixels)
+
+    def __call__(self, ids: np.ndarray, train: bool) -> torch.Tensor:
+        return torch.stack(list(self.pool.map(lambda i: self._one(i, train), ids)))

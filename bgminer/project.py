@@ -8,14 +8,21 @@ share; it composes the engine modules and holds no ML logic of its own.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-from .backbone import Backbone, load_backbone
-from .features import EmbedReport, FeatureCache, embed_images
-from .progress import CancelToken, ProgressFn
-from .store import Store
+import numpy as np
+
+from .backbone import Backbone, Preprocess, load_backbone
+from .features import EmbedReport, FeatureCache, PixelLoader, embed_images
+from .progress import Cancelled, CancelToken, ProgressFn
+from .store import LabelEvent, ModelRecord, Store
+from .train import TrainConfig
+from .versions import VersionScores, read_version, write_version
 
 DB_NAME = "bgminer.sqlite"
 
@@ -32,9 +39,11 @@ class Project:
         self.store = Store(self.root / DB_NAME)
         self.backbone_name = self.store.get_meta("backbone", "efficientnet_lite0")
         self.backbone_weights = self.store.get_meta("backbone_weights") or None
+        self._indexes: dict[int | None, Any] = {}
+        self._index_lock = threading.Lock()
 
     @classmethod
-    def create(cls, root: str | Path, backbone: str = "efficientnet_lite0", backbone_weights: str | None = None) -> "Project":
+    def create(cls, root: str | Path, backbone: str = "efficientnet_lite0", backbone_weights: str | None = None) -> Project:
         """Create a project folder (or open it if it already is one)."""
         root = Path(root).expanduser().resolve()
         if root.exists() and not root.is_dir():
@@ -99,6 +108,234 @@ class Project:
 
         return thumbnail_path(self.thumbs_dir, self.store.image(image_id)["sha256"])
 
+    # -- labels --------------------------------------------------------------------------
+    def add_category(self, name: str) -> None:
+        self.store.add_category(name)
+
+    def label(self, category: str, image_ids: Sequence[int], value: str, source: str = "user", author: str = "user") -> None:
+        """Record a decision for each image; durable (committed) when this returns."""
+        self.store.add_labels(category, [(int(i), value) for i in image_ids], source=source, author=author)
+
+    def undo(self, category: str | None = None, author: str | None = None) -> LabelEvent | None:
+        return self.store.undo(category, author)
+
+    def label_paths(self, category: str, paths: Sequence[str | Path], value: str, source: str = "import") -> list[str]:
+        """Label images given by path; returns the paths that are not ingested images."""
+        ids, missing = [], []
+        for p in paths:
+            image_id = self.store.image_id_for_path(str(Path(p).expanduser().resolve()))
+            (missing.append(str(p)) if image_id is None else ids.append(image_id))
+        if ids:
+            self.label(category, ids, value, source=source)
+        return missing
+
+    # -- training ------------------------------------------------------------------------
+    def _inputs(self, mode: str):
+        if mode == "adapter":
+            return self.features.open("pooled")
+        if mode == "last-stage":
+            if not self.features.has_maps or not self.features.path("maps").exists():
+                raise ValueError("last-stage mode needs cached stage maps; this backbone/project has none")
+            return self.features.open("maps")
+        return PixelLoader(self.store, self.backbone)
+
+    def train(
+        self,
+        categories: str | Sequence[str] | None = None,
+        config: TrainConfig | None = None,
+        progress: ProgressFn | None = None,
+        cancel: CancelToken | None = None,
+    ) -> ModelRecord:
+        """One round: train (warm-started), re-score the corpus, rebuild the index.
+
+        Trains every category with a positive label unless ``categories`` narrows it. The new
+        version becomes active only once all of it is on disk; a failed or cancelled round
+        leaves the previous version active.
+        """
+        from .model import build_model, grow_categories, load_checkpoint, save_checkpoint
+        from .train import build_training_set, score, train
+
+        config = config or TrainConfig()
+        counts = self.store.label_counts()
+        if categories is None:
+            cats = [c for c, n in counts.items() if n["positive"] > 0]
+        else:
+            cats = [categories] if isinstance(categories, str) else list(categories)
+            for c in cats:
+                self.store.category_id(c)  # unknown category -> clear error
+        if not cats or not any(counts[c]["positive"] for c in cats):
+            raise ValueError("label at least one positive image before training")
+        ids = np.asarray(self.store.image_ids(embedded=True), dtype=np.int64)
+        if len(ids) == 0:
+            raise ValueError("no embedded images yet: ingest and embed a corpus first")
+
+        parent = next((m for m in self.store.models() if m.state == "ready" and m.mode == config.mode and set(m.categories) <= set(cats)), None)
+        if parent is not None:
+            model = load_checkpoint(self.root / parent.checkpoint, self.backbone)
+            cats = list(model.categories) + [c for c in cats if c not in model.categories]
+            if cats != list(model.categories):
+                model = grow_categories(model, cats)
+        else:
+            model = build_model(config.mode, self.backbone, cats, fixed_background_logit=config.fixed_background_logit)
+        model_id = self.store.add_model(cats, config.mode, asdict(config), parent.id if parent else None)
+        started = time.perf_counter()
+        try:
+            inputs = self._inputs(config.mode)
+            labels = {k: self.store.labels(c) for k, c in enumerate(cats)}
+            training_set = build_training_set(inputs, labels, ids, self.features.open("logits"), config)
+            result = train(model, training_set, config, progress=progress, cancel=cancel)
+            checkpoint = save_checkpoint(result.model, self.models_dir / f"v{model_id:04d}.pt", extra={"model_id": model_id})
+            embeddings, scores = score(result.model, inputs, ids, device=config.device, cancel=cancel)
+            write_version(self.scores_dir, model_id, ids, scores, embeddings)
+            self._build_index(model_id, embeddings, ids)
+            metrics = _training_metrics(labels, ids, scores, cats, result)
+        except Cancelled:
+            self.store.update_model(model_id, state="cancelled", train_seconds=time.perf_counter() - started)
+            raise
+        except Exception as exc:
+            self.store.update_model(model_id, state="failed", error=f"{type(exc).__name__}: {exc}", train_seconds=time.perf_counter() - started)
+            raise
+        self.store.update_model(
+            model_id,
+            state="ready",
+            checkpoint=str(checkpoint.relative_to(self.root)),
+            losses=[asdict(e) for e in result.epochs],
+            label_counts={c: counts[c] for c in cats if c in counts},
+            metrics=metrics,
+            train_seconds=time.perf_counter() - started,
+        )
+        return self.store.model(model_id)
+
+    def load_model(self, model_id: int | None = None, category: str | None = None):
+        """The trained model of a version (default: the active one for ``category``)."""
+        from .model import load_checkpoint
+
+        record = self.store.model(model_id) if model_id is not None else self.store.active_model(category)
+        if record is None or record.checkpoint is None:
+            raise ValueError("no trained model yet: label a few positives and train first")
+        return load_checkpoint(self.root / record.checkpoint, self.backbone)
+
+    # -- scores and index ----------------------------------------------------------------
+    def version_scores(self, category: str) -> tuple[ModelRecord, VersionScores] | None:
+        record = self.store.active_model(category)
+        if record is None:
+            return None
+        version = read_version(self.scores_dir, record.id, record.categories)
+        return None if version is None else (record, version)
+
+    def scores(self, category: str) -> tuple[np.ndarray, np.ndarray] | None:
+        """(image ids, probability of ``category``) from the active model, or None before training."""
+        found = self.version_scores(category)
+        if found is None:
+            return None
+        _, version = found
+        return version.ids, version.column(category)
+
+    def _index_path(self, model_id: int | None) -> Path:
+        return self.index_dir / ("pretrained.faiss" if model_id is None else f"v{model_id:04d}.faiss")
+
+    def _build_index(self, model_id: int | None, vectors: np.ndarray, ids: np.ndarray):
+        from .index import build_index
+
+        index = build_index(np.asarray(vectors, dtype=np.float32), ids)
+        self.index_dir.mkdir(parents=True, exist_ok=True)
+        index.save(self._index_path(model_id))
+        with self._index_lock:
+            self._indexes[model_id] = index
+        return index
+
+    def index(self):
+        """The FAISS index over the active model's trunk embeddings (pretrained features before training).
+
+        Loaded from disk once per process; images embedded since it was built are added incrementally.
+        """
+        from .index import VectorIndex
+
+        active = self.store.active_model()
+        model_id = None if active is None else active.id
+        with self._index_lock:
+            index = self._indexes.get(model_id)
+        if index is None:
+            path = self._index_path(model_id)
+            if path.exists():
+                index = VectorIndex.load(path)
+            elif model_id is None:
+                ids = np.asarray(self.store.image_ids(embedded=True), dtype=np.int64)
+                if len(ids) == 0:
+                    raise ValueError("no embedded images yet: ingest and embed a corpus first")
+                return self._build_index(None, self.features.read("pooled", ids), ids)
+            else:
+                version = read_version(self.scores_dir, model_id, active.categories)
+                return self._build_index(model_id, version.embeddings(), version.ids)
+            with self._index_lock:
+                self._indexes[model_id] = index
+        if model_id is None:  # keep the pretrained index in step with newly embedded images
+            have = index.ids
+            new = np.setdiff1d(np.asarray(self.store.image_ids(embedded=True), dtype=np.int64), have)
+            if len(new):
+                with self._index_lock:
+                    index.add(self.features.read("pooled", new), new)
+                    index.save(self._index_path(None))
+        return index
+
+    def embed_query(self, image_file: str | Path | bytes) -> np.ndarray:
+        """Embed an image that is not in the corpus into the active index's space."""
+        import io
+
+        import torch
+
+        from .imageio import load_rgb, to_tensor_uint8
+
+        source = io.BytesIO(image_file) if isinstance(image_file, bytes) else image_file
+        pixels = Preprocess(self.backbone.preprocess)(to_tensor_uint8(load_rgb(source, draft_size=self.backbone.preprocess.resize)))
+        with torch.inference_mode():
+            pooled = self.backbone.trunk.forward_features(pixels[None])
+            active = self.store.active_model()
+            if active is None:
+                return pooled.numpy()
+            model = self.load_model(active.id)
+            if model.mode != "adapter":
+                x = pixels[None] if model.mode == "full" else self.backbone.trunk.stem(pixels[None])
+                return model.embed(x).numpy()
+            return model.embed(pooled).numpy()
+
+    def _candidates(self, ids: Sequence[int], scores: Sequence[float | None]) -> list[Candidate]:
+        paths = self.store.image_paths(ids)
+        return [Candidate(int(i), paths[int(i)], None if s is None else float(s)) for i, s in zip(ids, scores) if int(i) in paths]
+
+    # -- finding seeds -------------------------------------------------------------------
+    def search_like(self, image_id: int | None = None, image_file: str | Path | bytes | None = None, n: int = 48) -> list[Candidate]:
+        """Nearest neighbours of a corpus image or of an uploaded image file ("more like this")."""
+        index = self.index()
+        if image_id is not None:
+            query = index.vectors([image_id])
+            exclude = [image_id]
+        elif image_file is not None:
+            query, exclude = self.embed_query(image_file), None
+        else:
+            raise ValueError("search_like needs an image id or an image file")
+        sims, ids = index.search(np.asarray(query, dtype=np.float32), n, exclude_ids=exclude)
+        keep = ids[0] >= 0
+        return self._candidates(ids[0][keep], sims[0][keep])
+
+    def search_text(self, query: str, n: int = 48) -> tuple[list[str], list[Candidate]]:
+        """Offline text search over ImageNet class names; returns (matched classes, images)."""
+        from .textsearch import class_probability, match_classes
+
+        matches = match_classes(query)
+        if not matches:
+            return [], []
+        ids = np.asarray(self.store.image_ids(embedded=True), dtype=np.int64)
+        prob = np.concatenate([class_probability(self.features.read("logits", ids[i : i + 8192]), matches) for i in range(0, len(ids), 8192)] or [np.zeros(0)])
+        top = np.argsort(-prob, kind="stable")[:n]
+        return [m.name for m in matches], self._candidates(ids[top], prob[top])
+
+    def browse(self, n: int = 48, seed: int = 0, offset: int = 0) -> list[Candidate]:
+        """Corpus images in a random order that is stable for ``seed`` (for paging)."""
+        ids = np.asarray(self.store.image_ids(), dtype=np.int64)
+        order = np.random.default_rng(seed).permutation(len(ids))[offset : offset + n]
+        return self._candidates(ids[order], [None] * len(order))
+
     def info(self) -> dict[str, Any]:
         s = self.store
         active = s.active_model()
@@ -114,6 +351,36 @@ class Project:
             "models": len(s.models()),
             "active_model": None if active is None else {"id": active.id, "categories": active.categories, "mode": active.mode},
         }
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """An image offered to the user, with the score that put it there."""
+
+    image_id: int
+    path: str
+    score: float | None = None
+
+
+@dataclass
+class ReviewStats:
+    reviewed: int
+    found: int
+    precision_last20: float | None
+    curve: list[int] = field(default_factory=list)  # positives found after each review decision
+
+
+def _training_metrics(labels: dict[int, dict[int, str]], ids: np.ndarray, scores: np.ndarray, cats: list[str], result) -> dict[str, Any]:
+    """In-sample AP on the labeled images (optimistic; a sanity signal, not a test score)."""
+    from .evaluate import average_precision
+
+    position = {int(i): k for k, i in enumerate(ids)}
+    metrics: dict[str, Any] = {"steps": result.steps, "device": result.device}
+    for k, c in enumerate(cats):
+        rows = [(position[i], v == "positive") for i, v in labels[k].items() if i in position]
+        if rows and any(y for _, y in rows) and not all(y for _, y in rows):
+            metrics[f"train_ap/{c}"] = float(average_precision(np.array([y for _, y in rows]), scores[[r for r, _ in rows], k]))
+    return metrics
 
 
 def to_json(obj: Any) -> str:
