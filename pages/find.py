@@ -1,0 +1,152 @@
+"""Find: create categories and collect seed positives by browsing, text search over ImageNet
+class names, uploading an example, or "more like this" on any thumbnail."""
+
+from __future__ import annotations
+
+import io
+
+import pandas as pd
+import streamlit as st
+
+from bgminer.imageio import ImageRejected, read_image
+from pages import common
+
+RESULTS = 24
+COLUMNS = 6
+MODES = {
+    "browse": ":material/shuffle: Browse",
+    "text": ":material/text_fields: Text",
+    "upload": ":material/upload: Example image",
+    "similar": ":material/image_search: More like this",
+}
+MODE = "find_mode"
+LIKE_ID = "find_like_id"
+BROWSE_SEED = "find_browse_seed"
+BROWSE_PAGE = "find_browse_page"
+TEXT_QUERY = "find_text_query"
+NEW_CATEGORY = "find_new_category"
+RENAME_TO = "find_rename_to"
+
+project = common.require_project()
+common.require_images(project)
+store = project.store
+
+
+def more_like_this(image_id: int) -> None:
+    st.session_state[MODE] = "similar"
+    st.session_state[LIKE_ID] = image_id
+
+
+def create_category() -> None:
+    name = st.session_state[NEW_CATEGORY].strip()
+    try:
+        store.add_category(name)
+    except common.BAD_INPUT as exc:
+        st.session_state["find_category_error"] = str(exc)
+        return
+    common.set_category(name)
+    st.session_state[NEW_CATEGORY] = ""
+
+
+def rename_category(old: str) -> None:
+    new = st.session_state[RENAME_TO].strip()
+    try:
+        store.rename_category(old, new)
+    except common.BAD_INPUT as exc:
+        st.session_state["find_category_error"] = str(exc)
+        return
+    common.set_category(new)
+    st.session_state[RENAME_TO] = ""
+
+
+def shuffle() -> None:
+    st.session_state[BROWSE_SEED] = st.session_state.get(BROWSE_SEED, 0) + 1
+    st.session_state[BROWSE_PAGE] = 1
+
+
+st.header("Find seed positives", anchor=False)
+category = common.active_category(project)
+
+with st.expander("Categories", expanded=category is None, icon=":material/label:"):
+    left, right = st.columns(2)
+    with left:
+        st.text_input("New category", key=NEW_CATEGORY, placeholder="e.g. zebra")
+        st.button("Create category", icon=":material/add:", on_click=create_category, key="find_create_category")
+    with right:
+        if category is not None:
+            st.text_input(f"Rename `{category}` to", key=RENAME_TO)
+            st.button("Rename", icon=":material/edit:", on_click=rename_category, args=(category,), key="find_rename_category")
+    if error := st.session_state.pop("find_category_error", None):
+        st.error(error)
+    counts = store.label_counts()
+    if counts:
+        table = [{"category": c, "positive": n.get("positive", 0), "negative": n.get("negative", 0)} for c, n in counts.items()]
+        st.dataframe(pd.DataFrame(table), hide_index=True)
+
+if category is None:
+    st.info("Create a category above (the rare thing you are looking for); then label examples of it here.", icon=":material/label:")
+else:
+    n = common.label_counts(project, category)
+    cols = st.columns(3)
+    cols[0].metric(f"Positives · {category}", n["positive"])
+    cols[1].metric("Negatives", n["negative"])
+    with cols[2]:
+        if n["positive"] == 0:
+            st.caption("Find a few positives (👍) to start. Five to ten is plenty for a first model.")
+        else:
+            st.caption("Enough seeds? Train a model, then review its best guesses.")
+            st.page_link(common.PAGES["train"], label="Go to Train", icon=":material/arrow_forward:")
+
+mode = st.segmented_control("Find by", list(MODES), format_func=MODES.get, key=MODE, default="browse", required=True)
+candidates = []
+
+if mode == "browse":
+    with st.container(horizontal=True, vertical_alignment="bottom"):
+        page = st.number_input("Page", min_value=1, value=1, step=1, key=BROWSE_PAGE, width=140)
+        st.button("Shuffle", icon=":material/shuffle:", on_click=shuffle, key="find_shuffle")
+    seed = st.session_state.get(BROWSE_SEED, 0)
+    candidates = project.browse(n=RESULTS, seed=seed, offset=(int(page) - 1) * RESULTS)
+
+elif mode == "text":
+    query = st.text_input(
+        "Describe what you look for with ImageNet words",
+        key=TEXT_QUERY,
+        placeholder="e.g. zebra, tabby cat, fire engine",
+        help="Offline: the words are matched to the 1000 ImageNet class names the backbone knows.",
+    )
+    if query.strip():
+        classes, candidates = project.search_text(query.strip(), n=RESULTS)
+        if classes:
+            st.caption("Matched ImageNet classes: " + ", ".join(f"`{c}`" for c in classes))
+        else:
+            st.warning("No ImageNet class name matches those words; try a more common word or browse instead.")
+
+elif mode == "upload":
+    upload = st.file_uploader("An example image", type=["jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"], key="find_upload")
+    if upload is not None:
+        data = upload.getvalue()
+        try:
+            read_image(io.BytesIO(data))
+        except ImageRejected as exc:
+            st.error(f"{upload.name} is not a usable image ({exc}).", icon=":material/block:")
+        else:
+            left, right = st.columns([1, 5])
+            left.image(data, caption="your example", width="stretch")
+            right.caption("Closest images in the corpus; label the true matches positive.")
+            candidates = project.search_like(image_file=data, n=RESULTS)
+
+else:
+    like = st.session_state.get(LIKE_ID)
+    if like is None:
+        st.info("Click :material/image_search: under any thumbnail to see the images most similar to it.")
+    else:
+        left, right = st.columns([1, 5])
+        left.image(str(project.thumbnail(like)), caption=f"#{like}", width="stretch")
+        right.caption("Images most similar to this one.")
+        candidates = [c for c in project.search_like(image_id=like, n=RESULTS + 1) if c.image_id != like][:RESULTS]
+
+if candidates:
+    items = [(c.image_id, f"#{c.image_id}" + ("" if c.score is None else f" · {c.score:.2f}")) for c in candidates]
+    common.thumbnail_grid(project, category, items, key="find", columns=COLUMNS, on_more_like_this=more_like_this)
+elif mode == "browse":
+    st.info("No more images on this page; go back a page or shuffle.")

@@ -1,0 +1,221 @@
+"""Review: the ranked queue for the active category, one large image at a time (keyboard first)
+or as a grid for batch decisions, with running counters, the discovery curve and the score
+histogram. Every decision is in the store before the next image shows."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from bgminer.imageio import ImageRejected, load_rgb, make_thumbnail
+from bgminer.rank import STRATEGIES
+from pages import common
+
+QUEUE_SIZE = 50
+STRIP = 8
+GRID = 12
+PREVIEW_SIZE = 768
+STRATEGY_NAMES = {
+    "most-likely": "Most likely",
+    "uncertain": "Uncertain",
+    "near-positives": "Near seeds",
+    "random": "Random",
+    "mixed": "Mixed",
+}
+STRATEGY = "review_strategy"
+VIEW = "review_view"
+QUEUE = "review_queue"  # session: ReviewQueue for the current (project, category, strategy, model)
+SKIPPED = "review_skipped"  # session: {(project, category): set of skipped image ids}
+# Keys: visible button, then a hidden twin so both documented keys work.
+KEYS = {"positive": ("a", "y"), "negative": ("x", "n"), "skip": ("space", "s"), "undo": ("backspace", "u")}
+
+
+@dataclass
+class ReviewQueue:
+    key: tuple
+    items: list  # Candidates still to show, best first
+
+
+project = common.require_project()
+common.require_images(project)
+category = common.require_category(project)
+store = project.store
+model = store.active_model(category)
+counts = common.label_counts(project, category)
+
+
+@st.cache_data(max_entries=128, show_spinner=False)
+def preview(path: str) -> bytes | None:
+    """JPEG bytes of the image scaled for the large view (None when the file became unreadable)."""
+    try:
+        return make_thumbnail(load_rgb(path, draft_size=PREVIEW_SIZE), size=PREVIEW_SIZE, quality=88)
+    except ImageRejected:
+        return None
+
+
+@st.cache_data(max_entries=16, show_spinner=False)
+def score_histogram(root: str, category: str, model_id: int) -> pd.DataFrame | None:
+    scored = project.scores(category)
+    if scored is None:
+        return None
+    counts, edges = np.histogram(np.asarray(scored[1], dtype=np.float64), bins=20, range=(0.0, 1.0))
+    return pd.DataFrame({"score": [f"{e:.2f}" for e in edges[:-1]], "images": counts})
+
+
+def queue() -> ReviewQueue:
+    """The session's queue, refilled from the engine when empty or when its inputs changed."""
+    skipped = st.session_state.setdefault(SKIPPED, {}).setdefault((str(project.root), category), set())
+    key = (str(project.root), category, strategy, None if model is None else model.id)
+    current = st.session_state.get(QUEUE)
+    if current is not None and current.key == key:
+        labeled = store.labels(category)  # another tab may have labeled some meanwhile
+        current.items = [c for c in current.items if c.image_id not in labeled and c.image_id not in skipped]
+        if current.items:
+            return current
+    items = [c for c in project.suggest(category, n=QUEUE_SIZE + len(skipped), strategy=strategy) if c.image_id not in skipped]
+    st.session_state[QUEUE] = ReviewQueue(key, items[:QUEUE_SIZE])
+    return st.session_state[QUEUE]
+
+
+def decide(image_id: int, value: str) -> None:
+    common.apply_label(project, category, [image_id], value, source="review")
+    drop(image_id)
+
+
+def skip(image_id: int) -> None:
+    st.session_state.setdefault(SKIPPED, {}).setdefault((str(project.root), category), set()).add(image_id)
+    drop(image_id)
+
+
+def drop(image_id: int) -> None:
+    q = st.session_state.get(QUEUE)
+    if q is not None:
+        q.items = [c for c in q.items if c.image_id != image_id]
+
+
+def undo() -> None:
+    """Revert the newest label of this category and show that image again."""
+    event = common.undo_label(project, category)
+    if event is None:
+        st.session_state["review_notice"] = "Nothing to undo."
+        return
+    st.session_state["review_notice"] = f"Undid {event.value} on #{event.image_id}."
+    q = st.session_state.get(QUEUE)
+    if q is not None and all(c.image_id != event.image_id for c in q.items):
+        from bgminer.project import Candidate
+
+        q.items.insert(0, Candidate(event.image_id, store.image(event.image_id)["path"], None))
+
+
+def save_grid(image_ids: list[int]) -> None:
+    positives = [i for i in image_ids if st.session_state.get(f"review-grid-{i}")]
+    negatives = [i for i in image_ids if i not in positives]
+    if positives:
+        common.apply_label(project, category, positives, "positive", source="review")
+    if negatives:
+        common.apply_label(project, category, negatives, "negative", source="review")
+    for i in image_ids:
+        drop(i)
+        st.session_state.pop(f"review-grid-{i}", None)
+
+
+def score_text(score: float | None) -> str:
+    return "" if score is None else f"score {score:.3f}"
+
+
+st.header(f"Review · {category}", anchor=False)
+if model is None and counts["positive"] == 0:
+    st.info(
+        f"Nothing to rank yet: label a few **{category}** positives on the Find page, then train a model.",
+        icon=":material/thumb_up:",
+    )
+    st.page_link(common.PAGES["find"], label="Go to Find", icon=":material/arrow_forward:")
+    st.stop()
+if model is None:
+    st.info("No model yet: candidates are the images nearest to your seeds. Train one for a real ranking.", icon=":material/model_training:")
+
+options = list(STRATEGIES) if model is not None else [s for s in STRATEGIES if s in ("near-positives", "random")]
+if st.session_state.get(STRATEGY) not in options:
+    st.session_state[STRATEGY] = options[0]
+top = st.columns([3, 1], vertical_alignment="bottom")
+strategy = top[0].segmented_control("Strategy", options, format_func=lambda s: STRATEGY_NAMES.get(s, s), key=STRATEGY, required=True)
+view = top[1].segmented_control("View", ["one", "grid"], format_func=str.title, key=VIEW, default="one", required=True)
+
+main, side = st.columns([3, 1], gap="large")
+with side:
+    stats = project.review_stats(category)
+    st.metric("Reviewed", stats.reviewed)
+    st.metric("Found", stats.found, help="Positives for this category, seeds included")
+    st.metric("Precision, last 20", "–" if stats.precision_last20 is None else f"{stats.precision_last20:.0%}")
+    if stats.curve:
+        st.caption("Discovery curve: positives found vs. reviewed")
+        st.line_chart(pd.DataFrame({"found": stats.curve}, index=pd.RangeIndex(1, len(stats.curve) + 1, name="reviewed")), height=160)
+    if model is not None and (hist := score_histogram(str(project.root), category, model.id)) is not None:
+        st.caption(f"Scores of model v{model.id} over the corpus")
+        st.bar_chart(hist, x="score", y="images", height=160)
+
+with main:
+    try:
+        q = queue()
+    except ValueError as exc:  # the engine explains what it needs (e.g. a model for this strategy)
+        st.warning(str(exc))
+        st.stop()
+    if notice := st.session_state.pop("review_notice", None):
+        st.toast(notice)
+    if not q.items:
+        st.success("The queue is empty: every candidate of this strategy is labeled. Retrain or pick another strategy.", icon=":material/done_all:")
+        st.button("Undo last", icon=":material/undo:", on_click=undo, shortcut="Backspace", key="review-undo-empty")
+        st.stop()
+
+    if view == "one":
+        head = q.items[0]
+        with st.container(key="review-current", border=True):
+            image = preview(head.path)
+            if image is None:
+                st.error(f"#{head.image_id} can no longer be read from `{head.path}`; skip it.")
+            else:
+                st.image(image, width="content")
+            st.caption(f"#{head.image_id} · {score_text(head.score)} · {len(q.items)} in queue · `{head.path}`")
+        actions = {
+            "positive": ("Positive", ":material/thumb_up:", "primary", decide, (head.image_id, "positive")),
+            "negative": ("Negative", ":material/thumb_down:", "secondary", decide, (head.image_id, "negative")),
+            "skip": ("Skip", ":material/skip_next:", "secondary", skip, (head.image_id,)),
+            "undo": ("Undo", ":material/undo:", "tertiary", undo, ()),
+        }
+        with st.container(horizontal=True, key="review-actions"):
+            for name, (label, icon, kind, fn, args) in actions.items():
+                st.button(label, icon=icon, type=kind, on_click=fn, args=args, shortcut=KEYS[name][0], key=f"review-{name}")
+        with st.container(key="review-alt-keys"):
+            for name, (label, icon, kind, fn, args) in actions.items():
+                st.button(label, on_click=fn, args=args, shortcut=KEYS[name][1], key=f"review-{name}-alt")
+        st.caption("Keys: **A**/**Y** positive · **X**/**N** negative · **Space**/**S** skip · **Backspace**/**U** undo")
+        upcoming = q.items[1 : STRIP + 1]
+        if upcoming:
+            st.caption("Next up")
+            with st.container(key="strip-review"):
+                strip = st.columns(STRIP)
+            for cell, c in zip(strip, upcoming):
+                cell.image(str(project.thumbnail(c.image_id)), caption=score_text(c.score) or f"#{c.image_id}", width="stretch")
+    else:
+        batch = q.items[:GRID]
+        ids = [c.image_id for c in batch]
+        st.caption("Tick the positives; saving marks the rest negative.")
+        with st.form("review-grid", border=False):
+            for start in range(0, len(batch), 6):
+                cells = st.columns(6)
+                for cell, c in zip(cells, batch[start : start + 6]):
+                    with cell, st.container(border=True):
+                        st.image(str(project.thumbnail(c.image_id)), width="stretch")
+                        st.checkbox(f"#{c.image_id} {score_text(c.score)}", key=f"review-grid-{c.image_id}")
+            st.form_submit_button(
+                f"Save {len(batch)}: ticked positive, others negative",
+                icon=":material/done_all:",
+                type="primary",
+                on_click=save_grid,
+                args=(ids,),
+                key="review-grid-save",
+            )
+        st.button("Undo last", icon=":material/undo:", on_click=undo, shortcut="Backspace", key="review-undo-grid")
