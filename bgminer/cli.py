@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
+from .export import add_export_commands
 from .progress import CancelToken
 
 DEMO_DIR = Path(__file__).resolve().parent.parent / "assets" / "demo"
@@ -76,10 +78,97 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .project import Project
 
     project = build_demo_project(args.project, progress=_print_progress)
     _emit(args, project.info(), lambda i: f"demo project ready at {i['project']}: {i['images']} images, {i['embedded']} embedded")
+    return 0
+
+
+def cmd_label(args: argparse.Namespace) -> int:
+    import csv
+
+    from .project import Project
+
+    project = Project(args.project)
+    if args.category:
+        project.add_category(args.category)
+    missing: list[str] = []
+    if args.csv:
+        with open(args.csv, newline="") as f:
+            rows = list(csv.DictReader(f))
+        if rows and not {"path", "category", "label"} <= set(rows[0]):
+            raise ValueError(f"{args.csv} needs the columns path,category,label")
+        base = Path(args.csv).resolve().parent
+        for row in rows:
+            project.add_category(row["category"])
+            path = Path(row["path"]) if Path(row["path"]).is_absolute() else base / row["path"]
+            missing += project.label_paths(row["category"], [path], row["label"], source="import")
+    elif not args.category:
+        raise ValueError("give --category C with --positive/--negative paths, or --csv FILE")
+    for value, paths in (("positive", args.positive), ("negative", args.negative)):
+        if paths:
+            missing += project.label_paths(args.category, paths, value, source="user")
+    counts = project.store.label_counts()
+    _emit(args, {"labels": counts, "not_in_project": missing}, lambda o: "\n".join(
+        [f"{c}: {n['positive']} positive, {n['negative']} negative" for c, n in o["labels"].items()]
+        + [f"not an ingested image: {m}" for m in o["not_in_project"]]))
+    return 0 if not missing else 1
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .project import Project
+    from .train import TrainConfig
+
+    project = Project(args.project)
+    config = TrainConfig(mode=args.mode, epochs=args.epochs, device=args.device, seed=args.seed,
+                         **({"aux_weight": args.aux_weight} if args.aux_weight is not None else {}))
+    record = project.train(args.category or None, config, progress=_print_progress, cancel=CancelToken())
+    summary = {"model_version": record.id, "categories": record.categories, "mode": record.mode,
+               "train_seconds": round(record.train_seconds or 0, 2), "label_counts": record.label_counts,
+               "final_loss": record.losses[-1] if record.losses else None, "metrics": record.metrics}
+    _emit(args, summary, lambda s: "\n".join(f"{k:>14}: {v}" for k, v in s.items()))
+    return 0
+
+
+def _candidate_rows(candidates) -> list[dict]:
+    return [{"image_id": c.image_id, "path": c.path, "score": c.score} for c in candidates]
+
+
+def _candidate_table(rows: list[dict]) -> str:
+    return "\n".join(f"{r['score'] if r['score'] is None else round(r['score'], 4)!s:>8}  {r['path']}" for r in rows) or "(nothing)"
+
+
+def cmd_rank(args: argparse.Namespace) -> int:
+    from .project import Project
+
+    candidates = Project(args.project).suggest(args.category, n=args.limit, strategy=args.strategy)
+    _emit(args, {"category": args.category, "strategy": args.strategy, "candidates": _candidate_rows(candidates)},
+          lambda o: _candidate_table(o["candidates"]))
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from .project import Project
+
+    project = Project(args.project)
+    if args.like:
+        image_id = project.store.image_id_for_path(str(Path(args.like).resolve()))
+        found = project.search_like(image_id=image_id, n=args.limit) if image_id else project.search_like(image_file=args.like, n=args.limit)
+        out = {"like": args.like, "results": _candidate_rows(found)}
+    elif args.text:
+        classes, found = project.search_text(args.text, n=args.limit)
+        out = {"text": args.text, "matched_classes": classes, "results": _candidate_rows(found)}
+    else:
+        raise ValueError("give --like IMAGE or --text WORDS")
+    _emit(args, out, lambda o: _candidate_table(o["results"]))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from .project import Project
+
+    status = Project(args.project).status(args.category)
+    _emit(args, status, lambda s: "\n".join(f"{k:>20}: {v}" for k, v in s.items()))
     return 0
 
 
@@ -127,6 +216,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("project")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_demo)
+    p = sub.add_parser("label", help="label images by path, or from a CSV (path,category,label)")
+    p.add_argument("project")
+    p.add_argument("--category")
+    p.add_argument("--positive", nargs="*", default=[])
+    p.add_argument("--negative", nargs="*", default=[])
+    p.add_argument("--csv")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_label)
+
+    p = sub.add_parser("train", help="train a background-splitting model round, re-score and re-index")
+    p.add_argument("project")
+    p.add_argument("--category", action="append", help="category to train (repeatable; default: all with positives)")
+    p.add_argument("--mode", default="adapter", choices=["adapter", "last-stage", "full"])
+    p.add_argument("--aux-weight", type=float, default=None)
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("rank", help="the review queue: likely positives not yet labeled")
+    p.add_argument("project")
+    p.add_argument("--category", required=True)
+    p.add_argument("--strategy", default="most-likely")
+    p.add_argument("--limit", type=int, default=20)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_rank)
+
+    p = sub.add_parser("search", help="more like an image (in the corpus or not), or by text over ImageNet classes")
+    p.add_argument("project")
+    p.add_argument("--like")
+    p.add_argument("--text")
+    p.add_argument("--limit", type=int, default=20)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_search)
+
+    p = sub.add_parser("status", help="labels, reviews, positives found and an estimate of how many remain")
+    p.add_argument("project")
+    p.add_argument("--category", required=True)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_status)
+    add_export_commands(sub)
     return parser
 
 

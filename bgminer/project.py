@@ -270,7 +270,7 @@ class Project:
             with self._index_lock:
                 self._indexes[model_id] = index
         if model_id is None:  # keep the pretrained index in step with newly embedded images
-            have = index.ids
+            have = index.ids()
             new = np.setdiff1d(np.asarray(self.store.image_ids(embedded=True), dtype=np.int64), have)
             if len(new):
                 with self._index_lock:
@@ -335,6 +335,129 @@ class Project:
         ids = np.asarray(self.store.image_ids(), dtype=np.int64)
         order = np.random.default_rng(seed).permutation(len(ids))[offset : offset + n]
         return self._candidates(ids[order], [None] * len(order))
+
+    # -- review --------------------------------------------------------------------------
+    def suggest(self, category: str, n: int = 50, strategy: str = "most-likely", exclude: Sequence[int] = (), seed: int = 0) -> list[Candidate]:
+        """The next ``n`` images to review for ``category``; never an image already labeled for it.
+
+        ``exclude`` holds ids the caller skipped. ``strategy`` is a name from
+        :data:`bgminer.rank.STRATEGIES`, or ``"validate"`` for the unlabeled part of the
+        importance sample that :meth:`status` uses to estimate what is left to find.
+        """
+        from .rank import RankContext, make_strategy
+
+        labels = self.store.labels(category)
+        if strategy == "validate":
+            sample = self.validation_sample(category)
+            todo = [i for i in sample["ids"] if i not in labels and i not in set(exclude)]
+            return self._candidates(todo[:n], [None] * min(n, len(todo)))
+        found = self.version_scores(category)
+        if found is None:
+            ids, scores = np.asarray(self.store.image_ids(embedded=True), dtype=np.int64), None
+        else:
+            _, version = found
+            ids, scores = version.ids, version.column(category)
+        ctx = RankContext(
+            ids=ids,
+            scores=scores,
+            embeddings=self.index() if len(ids) else None,
+            positive_ids=[i for i, v in labels.items() if v == "positive"],
+            negative_ids=[i for i, v in labels.items() if v == "negative"],
+            reviewed_ids=list(exclude),
+            seed=seed,
+        )
+        chosen = make_strategy(strategy).query(ctx, n)
+        by_id = dict(zip(ids.tolist(), scores.tolist())) if scores is not None else {}
+        return self._candidates(chosen, [by_id.get(int(i)) for i in chosen])
+
+    def review_stats(self, category: str) -> ReviewStats:
+        """Decisions made in review for ``category`` (undone ones removed), in order."""
+        events = self.store.label_history(category, limit=1_000_000)[::-1]
+        undone = {e.undoes for e in events if e.undoes is not None}
+        decisions = [e.value == "positive" for e in events if e.source == "review" and e.undoes is None and e.id not in undone]
+        curve = np.cumsum(decisions).astype(int).tolist() if decisions else []
+        last = decisions[-20:]
+        return ReviewStats(
+            reviewed=len(decisions),
+            found=curve[-1] if curve else 0,
+            precision_last20=(sum(last) / len(last)) if last else None,
+            curve=curve,
+        )
+
+    def validation_sample(self, category: str, n: int = 30, redraw: bool = False) -> dict[str, Any]:
+        """The importance sample of unreviewed images used to estimate remaining positives.
+
+        Drawn once from the active model's scores (tilted towards high scores, see
+        :mod:`bgminer.evaluate`) and kept until ``redraw``, so it stays fixed while it is labeled.
+        """
+        from .evaluate import draw_validation_sample
+
+        key = f"validation:{category}"
+        stored = self.store.get_meta(key)
+        if stored and not redraw:
+            return json.loads(stored)
+        found = self.version_scores(category)
+        if found is None:
+            raise ValueError("train a model first: the validation sample is drawn from its scores")
+        record, version = found
+        labels = self.store.labels(category)
+        unlabeled = ~np.isin(version.ids, np.fromiter(labels, dtype=np.int64, count=len(labels)))
+        pool_ids, pool_scores = version.ids[unlabeled], version.column(category)[unlabeled]
+        rng = np.random.default_rng(record.id)
+        positions, pi = draw_validation_sample(pool_scores, n, rng)
+        sample = {
+            "model_id": record.id,
+            "ids": pool_ids[positions].tolist(),
+            "pi": pi.tolist(),
+            "unreviewed": len(pool_ids),
+            "found": sum(v == "positive" for v in labels.values()),
+            "drawn_at": time.time(),
+        }
+        self.store.set_meta(key, json.dumps(sample))
+        return sample
+
+    def status(self, category: str) -> dict[str, Any]:
+        """How far along the user is: labels, reviews, positives found, estimated positives left."""
+        from .evaluate import estimate_remaining
+
+        labels = self.store.labels(category)
+        positives = sum(v == "positive" for v in labels.values())
+        review = self.review_stats(category)
+        record = self.store.active_model(category)
+        out: dict[str, Any] = {
+            "category": category,
+            "positives": positives,
+            "negatives": len(labels) - positives,
+            "reviewed": review.reviewed,
+            "found_in_review": review.found,
+            "model_version": None if record is None else record.id,
+            "estimate": None,
+        }
+        if record is None:
+            out["estimate_note"] = "train a model to estimate how many positives remain"
+            return out
+        sample = self.validation_sample(category)
+        labeled = [labels.get(i) for i in sample["ids"]]
+        done = sum(v is not None for v in labeled)
+        out["validation_labeled"] = f"{done}/{len(labeled)}"
+        if done < len(labeled):
+            out["estimate_note"] = f"label the {len(labeled) - done} remaining validation images (review strategy 'validate') to estimate what is left"
+            return out
+        est = estimate_remaining(sample["ids"], [v == "positive" for v in labeled], sample["pi"], sample["unreviewed"], found=sample["found"])
+        # The sample estimates the positives that were hidden when it was drawn; positives found since are no longer hidden.
+        total, low_total, high_total = (sample["found"] + x for x in (est.remaining, est.low, est.high))
+        out["estimate"] = {
+            "remaining": max(0.0, total - positives),
+            "remaining_low": max(0.0, low_total - positives),
+            "remaining_high": max(0.0, high_total - positives),
+            "recall": positives / total if total else None,
+            "recall_low": positives / high_total if high_total else None,
+            "recall_high": min(1.0, positives / low_total) if low_total else None,
+            "confidence": est.confidence,
+            "sample_size": est.sample_size,
+            "sample_positives": est.sample_positives,
+        }
+        return out
 
     def info(self) -> dict[str, Any]:
         s = self.store

@@ -263,7 +263,7 @@ class Store:
         return row
 
     def image_paths(self, ids: Iterable[int]) -> dict[int, str]:
-        ids = list(ids)
+        ids = [int(i) for i in ids]
         out: dict[int, str] = {}
         for start in range(0, len(ids), 900):
             chunk = ids[start : start + 900]
