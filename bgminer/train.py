@@ -1,0 +1,376 @@
+"""Training rounds for the background-splitting model, and streaming corpus scoring.
+
+Label convention for the main head (``TrainingSet.main_labels``): ``0`` = background, ``c + 1`` =
+category ``c``, ``-1`` = no main label (the row only gets the auxiliary loss). Following Forager,
+:func:`build_training_set` fills the background with randomly sampled *unlabeled* images, which are
+presumed background (label ``0``, like labeled negatives): at >95% background they nearly all are,
+and the auxiliary loss splits that background into ImageNet pseudo-classes so the main head need
+not carve it out alone.
+
+Loss = CE(main, rows with a main label) + ``aux_weight`` * CE(aux, every row), where the aux target
+is the frozen pretrained model's ImageNet argmax (or its softmax with ``soft_aux``).
+:func:`train` never modifies the model it is given: it trains a copy and returns it, so a failed or
+cancelled round leaves the caller's previous version untouched. Warm start = pass the last model.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from bgminer.model import MODES, BackgroundSplittingModel
+from bgminer.progress import CancelToken, ProgressFn, check, report
+
+# Array-like indexable by an int64 id array (numpy memmap [cap, ...]), or a loader ``load(ids, train)``.
+Inputs = np.ndarray | Callable[[np.ndarray, bool], torch.Tensor]
+
+# Per-mode defaults for fields left as None: (epochs, batch_size, lr).
+_MODE_DEFAULTS = {"adapter": (4, 64, 1e-3), "last-stage": (5, 64, 3e-4), "full": (10, 64, 1e-4)}
+# Scoring chunk per mode: bounded memory whatever the corpus size (a full-mode chunk is pixels).
+_SCORE_BATCH = {"adapter": 4096, "last-stage": 256, "full": 128}
+_PROGRESS_INTERVAL_S = 0.5
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides a training round; JSON-able (``dataclasses.asdict``) for the store.
+
+    ``epochs``, ``batch_size`` and ``lr`` left as None take the mode's default.
+    """
+
+    mode: str = "adapter"
+    epochs: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    weight_decay: float = 1e-4
+    aux_weight: float = 0.1  # paper default; Forager used 0.04
+    soft_aux: bool = False  # distill the pretrained softmax instead of its hard argmax
+    background_ratio: float = 10.0  # presumed-background unlabeled images sampled per labeled positive
+    min_background: int = 200  # at least this many (or every unlabeled image when fewer)
+    pos_fraction: float = 0.0  # expected share of positives per batch (sampled with replacement); 0 = uniform
+    fixed_background_logit: float | None = None
+    seed: int = 0
+    device: str = "auto"  # "auto" | "cpu" | "cuda"
+    min_steps: int = 32  # small rounds repeat epochs until this many optimiser steps
+    max_steps: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"unknown training mode {self.mode!r}; choose one of {', '.join(MODES)}")
+        epochs, batch_size, lr = _MODE_DEFAULTS[self.mode]
+        self.epochs = epochs if self.epochs is None else self.epochs
+        self.batch_size = batch_size if self.batch_size is None else self.batch_size
+        self.lr = lr if self.lr is None else self.lr
+        if not 0.0 <= self.pos_fraction < 1.0:
+            raise ValueError(f"pos_fraction must be in [0, 1), got {self.pos_fraction}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+
+
+@dataclass
+class TrainingSet:
+    """The rows of one round. ``inputs[ids]`` (or ``inputs(ids, train)``) gives the model input for row ids."""
+
+    inputs: Inputs
+    row_ids: np.ndarray  # int64 [N]; an image positive for several categories appears once per category
+    main_labels: np.ndarray  # int64 [N]: 0 background, c + 1 category c, -1 aux loss only
+    aux_targets: np.ndarray  # int64 [N]: ImageNet argmax of the frozen pretrained model
+    aux_soft: np.ndarray | None = None  # float [N, 1000] pretrained ImageNet logits, for soft_aux
+
+    def __post_init__(self) -> None:
+        n = len(self.row_ids)
+        if len(self.main_labels) != n or len(self.aux_targets) != n or (self.aux_soft is not None and len(self.aux_soft) != n):
+            raise ValueError("row_ids, main_labels, aux_targets (and aux_soft) must have the same length")
+
+    def __len__(self) -> int:
+        return len(self.row_ids)
+
+
+@dataclass
+class EpochLoss:
+    main: float
+    aux: float
+    total: float
+
+
+@dataclass
+class TrainResult:
+    """The trained copy of the model and how the round went."""
+
+    model: BackgroundSplittingModel = field(repr=False)
+    epochs: list[EpochLoss]
+    steps: int
+    samples: int
+    seconds: float
+    device: str
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-able record of the round (everything but the model)."""
+        return {
+            "epochs": [asdict(e) for e in self.epochs],
+            "steps": self.steps,
+            "samples": self.samples,
+            "seconds": self.seconds,
+            "device": self.device,
+        }
+
+
+def _is_positive(value: str | int) -> bool:
+    if value in ("positive", 1, True):
+        return True
+    if value in ("negative", -1, False):
+        return False
+    raise ValueError(f"label values must be 'positive'/'negative' or +1/-1, got {value!r}")
+
+
+def build_training_set(
+    inputs: Inputs,
+    labels: Mapping[int, Mapping[int, str | int]],
+    candidate_ids: np.ndarray,
+    imagenet_logits: np.ndarray,
+    config: TrainConfig,
+) -> TrainingSet:
+    """Rows for one round: labeled positives and negatives plus sampled presumed-background images.
+
+    ``labels`` maps category index (position in the model's categories) to ``{row_id: label}`` with
+    labels 'positive'/'negative' or +1/-1. ``candidate_ids`` are the rows that have inputs (embedded
+    images); labels on other rows are ignored. ``imagenet_logits`` ``[cap, 1000]`` is indexed by row id.
+    ``max(min_background, background_ratio * positives)`` unlabeled candidates are sampled (seeded).
+    """
+    candidates = np.unique(np.asarray(candidate_ids, dtype=np.int64))
+    entries = [
+        (row, category + 1, _is_positive(value)) for category, per_image in labels.items() for row, value in per_image.items()
+    ]
+    rows = np.array([e[0] for e in entries], dtype=np.int64)
+    main = np.array([e[1] for e in entries], dtype=np.int64)
+    positive = np.array([e[2] for e in entries], dtype=bool)
+    has_input = np.isin(rows, candidates)
+    rows, main, positive = rows[has_input], main[has_input], positive[has_input]
+    if not positive.any():
+        raise ValueError("training needs at least one positive label")
+    order = np.lexsort((main[positive], rows[positive]))
+    positive_rows, positive_labels = rows[positive][order], main[positive][order]
+    negatives = np.setdiff1d(rows[~positive], positive_rows)  # negative for some category, positive for none
+    unlabeled = np.setdiff1d(candidates, rows)
+    n_background = min(len(unlabeled), max(config.min_background, math.ceil(config.background_ratio * len(positive_rows))))
+    background = np.sort(np.random.default_rng(config.seed).choice(unlabeled, size=n_background, replace=False))
+
+    row_ids = np.concatenate([positive_rows, negatives, background])
+    main_labels = np.concatenate([positive_labels, np.zeros(len(negatives) + n_background, dtype=np.int64)])
+    logits = _fetch(imagenet_logits, row_ids, train=False).numpy()
+    return TrainingSet(
+        inputs=inputs,
+        row_ids=row_ids,
+        main_labels=main_labels,
+        aux_targets=logits.argmax(axis=1).astype(np.int64),
+        aux_soft=logits if config.soft_aux else None,
+    )
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but CUDA is not available")
+    return torch.device(device)
+
+
+def _fetch(inputs: Inputs, ids: np.ndarray, train: bool) -> torch.Tensor:
+    """Model input for ``ids`` as float32, read in sorted id order (sequential on a memmap)."""
+    if callable(inputs):
+        return inputs(ids, train).float()
+    order = np.argsort(ids, kind="stable")
+    x = torch.from_numpy(np.asarray(inputs[ids[order]], dtype=np.float32))
+    return x[torch.from_numpy(np.argsort(order, kind="stable"))]
+
+
+def _prefetched(inputs: Inputs, id_batches: list[np.ndarray], train: bool, pin: bool) -> Iterator[torch.Tensor]:
+    """Inputs batch by batch; a loader's next batch is read in a background thread while the caller computes.
+
+    Cached arrays are read inline: slicing a memmap costs less than handing the work to a thread.
+    """
+    if not callable(inputs):
+        yield from (_fetch(inputs, ids, train) for ids in id_batches)
+        return
+    if not id_batches:
+        return
+
+    def load(ids: np.ndarray) -> torch.Tensor:
+        x = _fetch(inputs, ids, train)
+        return x.pin_memory() if pin else x
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(load, id_batches[0])
+        for following in [*id_batches[1:], None]:
+            x = pending.result()
+            if following is not None:
+                pending = pool.submit(load, following)
+            yield x
+
+
+def _autocast(device: torch.device) -> Any:
+    if device.type != "cuda":
+        return nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
+
+
+def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    x = x.to(device, non_blocking=True)
+    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 and device.type == "cuda" else x
+
+
+def _epoch_order(ts: TrainingSet, config: TrainConfig, generator: torch.Generator) -> torch.Tensor:
+    """Row positions for one epoch: a permutation, or ``len(ts)`` weighted draws when oversampling positives."""
+    n = len(ts)
+    positive = torch.from_numpy(ts.main_labels > 0)
+    n_pos = int(positive.sum())
+    if config.pos_fraction == 0.0 or n_pos in (0, n):
+        return torch.randperm(n, generator=generator)
+    weights = torch.where(positive, config.pos_fraction / n_pos, (1.0 - config.pos_fraction) / (n - n_pos))
+    return torch.multinomial(weights.double(), n, replacement=True, generator=generator)
+
+
+def train(
+    model: BackgroundSplittingModel,
+    training_set: TrainingSet,
+    config: TrainConfig,
+    progress: ProgressFn | None = None,
+    cancel: CancelToken | None = None,
+) -> TrainResult:
+    """Train a copy of ``model`` on ``training_set``; raises ``Cancelled`` between steps if asked to.
+
+    Deterministic on CPU for a given model, data and config (all randomness comes from ``config.seed``).
+    """
+    if config.mode != model.mode:
+        raise ValueError(f"config mode {config.mode!r} does not match model mode {model.mode!r}")
+    if config.fixed_background_logit != model.fixed_background_logit:
+        raise ValueError("config.fixed_background_logit does not match the model's")
+    if config.soft_aux and training_set.aux_soft is None:
+        raise ValueError("soft_aux needs training_set.aux_soft (pretrained ImageNet logits)")
+    if len(training_set) == 0:
+        raise ValueError("empty training set")
+    device = resolve_device(config.device)
+    start = time.perf_counter()
+    generator = torch.Generator().manual_seed(config.seed)
+    net = copy.deepcopy(model).to(device)
+    if device.type == "cuda" and config.mode != "adapter":
+        net = net.to(memory_format=torch.channels_last)
+    net.train()
+    optimizer = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=True)
+    batch_size = int(config.batch_size)
+    steps_per_epoch = math.ceil(len(training_set) / batch_size)
+    total_steps = max(steps_per_epoch * int(config.epochs), config.min_steps)
+    if config.max_steps is not None:
+        total_steps = min(total_steps, config.max_steps)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_steps, 1))
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and not torch.cuda.is_bf16_supported())
+    main_labels = torch.from_numpy(training_set.main_labels)
+    aux_targets = torch.from_numpy(training_set.aux_targets)
+    aux_probs = (
+        torch.softmax(torch.from_numpy(np.asarray(training_set.aux_soft, dtype=np.float32)), dim=1) if config.soft_aux else None
+    )
+
+    epochs: list[EpochLoss] = []
+    step = 0
+    samples = 0
+    last_report = 0.0
+    while step < total_steps:
+        order = _epoch_order(training_set, config, generator)[: (total_steps - step) * batch_size]
+        sums = torch.zeros(3, dtype=torch.float64, device=device)
+        batches = 0
+        positions = list(order.split(batch_size))
+        id_batches = [training_set.row_ids[pos.numpy()] for pos in positions]
+        for pos, x in zip(positions, _prefetched(training_set.inputs, id_batches, True, device.type == "cuda")):
+            check(cancel)
+            x = _to_device(x, device)
+            y_main = main_labels[pos].to(device)
+            y_aux = (aux_probs if aux_probs is not None else aux_targets)[pos].to(device)
+            with _autocast(device):
+                main_logits, aux_logits = net(x)
+            has_main = y_main >= 0
+            main_loss = (
+                F.cross_entropy(main_logits[has_main].float(), y_main[has_main])
+                if bool(has_main.any())
+                else main_logits.sum() * 0.0
+            )
+            aux_loss = F.cross_entropy(aux_logits.float(), y_aux)
+            loss = main_loss + config.aux_weight * aux_loss
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            sums += torch.stack([main_loss, aux_loss, loss]).detach().double()
+            batches += 1
+            step += 1
+            samples += len(pos)
+            now = time.perf_counter()
+            if now - last_report >= _PROGRESS_INTERVAL_S or step == total_steps:
+                report(progress, step, total_steps, f"epoch {len(epochs) + 1}, step {step}/{total_steps}, loss {loss.item():.4f}")
+                last_report = now
+        mean = (sums / max(batches, 1)).cpu().tolist()
+        epochs.append(EpochLoss(main=mean[0], aux=mean[1], total=mean[2]))
+    net.eval()
+    return TrainResult(
+        model=net.cpu(),
+        epochs=epochs,
+        steps=step,
+        samples=samples,
+        seconds=time.perf_counter() - start,
+        device=str(device),
+    )
+
+
+def score(
+    model: BackgroundSplittingModel,
+    inputs: Inputs,
+    row_ids: np.ndarray,
+    batch_size: int | None = None,
+    device: str = "auto",
+    progress: ProgressFn | None = None,
+    cancel: CancelToken | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Embeddings ``float32 [N, D]`` and category probabilities ``float32 [N, K]`` for ``row_ids``, in chunks.
+
+    ``batch_size`` None takes the mode's chunk size (4096 feature rows, 256 stage maps, 128 images).
+    """
+    dev = resolve_device(device)
+    batch_size = batch_size or _SCORE_BATCH[model.mode]
+    row_ids = np.asarray(row_ids, dtype=np.int64)
+    net = model
+    if next(model.parameters()).device != dev:
+        net = copy.deepcopy(model).to(dev)
+    if dev.type == "cuda" and model.mode != "adapter":
+        net = net.to(memory_format=torch.channels_last)
+    was_training = net.training
+    net.eval()
+    embeddings = np.empty((len(row_ids), model.embedding_dim), dtype=np.float32)
+    scores = np.empty((len(row_ids), len(model.categories)), dtype=np.float32)
+    try:
+        with torch.inference_mode():
+            id_batches = [row_ids[begin : begin + batch_size] for begin in range(0, len(row_ids), batch_size)]
+            begin = 0
+            for x in _prefetched(inputs, id_batches, False, dev.type == "cuda"):
+                check(cancel)
+                x = _to_device(x, dev)
+                n = len(x)
+                with _autocast(dev):
+                    h = net.embed(x)
+                embeddings[begin : begin + n] = h.float().cpu().numpy()
+                scores[begin : begin + n] = net.probabilities(h.float()).cpu().numpy()
+                begin += n
+                report(progress, begin, len(row_ids), "scoring")
+    finally:
+        net.train(was_training)
+    return embeddings, scores
