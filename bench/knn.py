@@ -29,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bgminer.index import IVFIndex, VectorIndex, build_index, exact_knn, recall_at_k
+from bgminer.index import IVFConfig, IVFIndex, VectorIndex, build_index, exact_knn, recall_at_k
 
 SUBSPACE = 64
 CLUSTERS = 1000
@@ -106,16 +106,14 @@ def _latencies(index: VectorIndex, queries: np.ndarray, k: int) -> tuple[np.ndar
     return np.array(times) * 1e3, np.stack(found)
 
 
-def run_case(
-    case: str, n: int, dim: int, n_queries: int, kind: str, exact_queries: int, seed: int
-) -> Result:
+def run_case(case: str, n: int, dim: int, n_queries: int, kind: str, config: IVFConfig, exact_queries: int, seed: int) -> Result:
     gen = Synthetic(case, dim, seed)
     data = gen.dataset(n)
     queries = gen.chunk(2, 0, n_queries)
     _, true_ids = exact_knn(queries, _chunks(data), 10)
 
     t0 = time.perf_counter()
-    index = build_index(data, np.arange(n, dtype=np.int64), kind=kind)
+    index = build_index(data, np.arange(n, dtype=np.int64), kind=kind, config=config)
     build_s = time.perf_counter() - t0
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "index.bin"
@@ -165,6 +163,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--queries", type=int, default=300)
     parser.add_argument("--kind", default="auto", choices=["auto", "exact", "ivf"])
     parser.add_argument("--exact-queries", type=int, default=20, help="queries timed on an exact index too (sizes <= 200k)")
+    parser.add_argument("--reduce-dim", type=int, default=IVFConfig.reduce_dim, help="PCA dimensions of the IVF probe stage")
+    parser.add_argument("--nlist", type=int, default=None, help="IVF lists (default: the index's rule)")
+    parser.add_argument("--rerank", type=int, default=IVFConfig.rerank_candidates, help="candidates re-scored exactly")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = parser.parse_args(argv)
@@ -174,7 +175,8 @@ def main(argv: list[str] | None = None) -> None:
         data, size = case.split(":")
         n = int(size)
         exact_queries = args.exact_queries if n <= 200_000 else 0
-        results.append(run_case(data, n, args.dim, args.queries, args.kind, exact_queries, args.seed))
+        config = IVFConfig(reduce_dim=args.reduce_dim, nlist=args.nlist, rerank_candidates=args.rerank)
+        results.append(run_case(data, n, args.dim, args.queries, args.kind, config, exact_queries, args.seed))
         if not args.json:
             print(f"done {case}", file=sys.stderr)
     if args.json:
@@ -183,6 +185,8 @@ def main(argv: list[str] | None = None) -> None:
                 {
                     "dim": args.dim,
                     "queries": args.queries,
+                    "reduce_dim": args.reduce_dim,
+                    "rerank": args.rerank,
                     "results": [asdict(r) for r in results],
                 }
             )
