@@ -477,11 +477,13 @@ def build_index(
     if kind == "exact":
         index: VectorIndex = ExactIndex(dim)
     elif kind == "ivf":
+        if n == 0:
+            raise ValueError("an IVF index is trained on the vectors it indexes: none were given")
         index = IVFIndex(dim, config)
     else:
         raise ValueError(f"unknown index kind {kind!r}; use 'exact', 'ivf' or 'auto'")
     tracker = None
-    if isinstance(index, IVFIndex) and n:
+    if isinstance(index, IVFIndex):
         rng = np.random.default_rng(index.config.seed)
         index.train(vectors[np.sort(rng.choice(n, index.train_size(n), replace=False))], expected_size=n)
         query_rows = np.sort(rng.choice(n, min(n, index.config.tuning_queries), replace=False))
