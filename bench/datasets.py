@@ -222,6 +222,31 @@ def _write_jpeg(source: Path, target: Path, long_side: int) -> tuple[int, int]:
     return size
 
 
+def openclipart_project(root: Path = DATA_ROOT, progress=None):
+    """A bgminer project over the deduplicated clip art, ingested and embedded (cached on disk).
+
+    Returns ``(project, truth)`` where ``truth`` maps image id -> ClipArt item.
+    """
+    import csv
+
+    from bgminer.project import Project
+
+    items = openclipart(root)
+    project_dir = root / "openclipart-project"
+    project = Project.create(project_dir)
+    listing = root / "openclipart_paths.csv"
+    if not listing.exists():
+        with open(listing, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["path"])
+            writer.writerows([[str(Path(it.path).resolve())] for it in items])
+    project.ingest([listing], progress=progress)
+    project.embed(progress=progress)
+    by_path = {str(Path(it.path).resolve()): it for it in items}
+    truth = {row["id"]: by_path[row["path"]] for row in project.store.images() if row["path"] in by_path}
+    return project, truth
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("dataset", choices=["openclipart"])

@@ -1,0 +1,139 @@
+"""Embedding throughput: the pipeline vs. the model-forward ceiling vs. a naive loop.
+
+    python bench/embed.py [--n 1000] [--batch-size 32] [--json] [--rss-images 10000]
+
+On N real clip-art PNGs and the same images re-encoded as ~1000-px JPEGs (bench/datasets.py):
+- pipeline: bgminer's embed_images into a fresh project (threaded decode one batch ahead of
+  the forward pass, JPEG draft decoding, channels_last, inference_mode);
+- ceiling: the same forward pass (stem + head + classifier, same batch size and threads) on
+  tensors decoded beforehand, i.e. what the pipeline would reach if decoding were free;
+- naive: PIL full decode + transform + forward, one image at a time in one loop.
+``--rss-images`` also embeds that many images in a child process and reports its peak RSS
+(features stream to memory-mapped files, so memory stays flat).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bgminer.backbone import Preprocess, load_backbone  # noqa: E402
+from bgminer.features import FeatureCache, embed_images  # noqa: E402
+from bgminer.imageio import load_rgb, to_tensor_uint8  # noqa: E402
+from bgminer.store import Store  # noqa: E402
+
+
+def _store_for(paths: list[Path], root: Path) -> tuple[Store, FeatureCache]:
+    store = Store(root / "bench.sqlite")
+    store.add_images([{"path": str(p), "sha256": f"{i:064x}", "status": "ok"} for i, p in enumerate(paths)])
+    bb = load_backbone()
+    return store, FeatureCache(root / "features", bb.feature_dim, len(bb.class_names), bb.map_shape)
+
+
+def pipeline(paths: list[Path], batch_size: int) -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+        store, cache = _store_for(paths, Path(tmp))
+        report = embed_images(store, cache, load_backbone(), batch_size=batch_size)
+        return report.images_per_second
+
+
+def ceiling(paths: list[Path], batch_size: int) -> float:
+    bb = load_backbone()
+    pre = Preprocess(bb.preprocess)
+    tensors = [pre(to_tensor_uint8(load_rgb(p, draft_size=bb.preprocess.resize))) for p in paths]
+    trunk = bb.trunk.to(memory_format=torch.channels_last)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for i in range(0, len(tensors), batch_size):
+            x = torch.stack(tensors[i : i + batch_size]).contiguous(memory_format=torch.channels_last)
+            maps = trunk.stem(x)
+            pooled = trunk.head(maps)
+            trunk.classifier(pooled)
+            np.asarray(maps.numpy(), dtype=np.float16)  # the pipeline converts maps for the cache too
+    return len(tensors) / (time.perf_counter() - start)
+
+
+def naive(paths: list[Path]) -> float:
+    bb = load_backbone()
+    pre = Preprocess(bb.preprocess)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for p in paths:
+            with Image.open(p) as img:
+                rgb = img.convert("RGBA")
+                white = Image.new("RGBA", rgb.size, (255, 255, 255, 255))
+                rgb = Image.alpha_composite(white, rgb).convert("RGB")
+            bb.trunk(pre(to_tensor_uint8(rgb))[None])
+    return len(paths) / (time.perf_counter() - start)
+
+
+def peak_rss_mb(n: int, batch_size: int) -> float:
+    """Embed ``n`` images (the clip art, cycled) in a child process; its peak RSS in MB."""
+    code = f"""
+import sys, tempfile, resource
+sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})
+from pathlib import Path
+from bench.datasets import openclipart
+from bench.embed import _store_for
+from bgminer.features import embed_images
+from bgminer.backbone import load_backbone
+items = openclipart()
+paths = [items[i % len(items)].path for i in range({n})]
+with tempfile.TemporaryDirectory() as tmp:
+    store, cache = _store_for(paths, Path(tmp))
+    embed_images(store, cache, load_backbone(), batch_size={batch_size})
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+"""
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> None:
+    from bench.datasets import large_jpegs, openclipart
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=1000)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--rss-images", type=int, default=0)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    items = openclipart()[: args.n]
+    sets = {
+        "png": [it.path for it in items],
+        "jpeg-1000px": [it.path for it in large_jpegs(items, Path(__file__).resolve().parent / "data" / "jpeg1000", args.n)],
+    }
+    load_backbone()
+    rows = []
+    for name, paths in sets.items():
+        ceil = ceiling(paths, args.batch_size)
+        pipe = pipeline(paths, args.batch_size)
+        base = naive(paths[: max(50, len(paths) // 5)])
+        rows.append({"images": name, "n": len(paths), "pipeline_ips": pipe, "ceiling_ips": ceil, "naive_ips": base, "pipeline_over_ceiling": pipe / ceil})
+    result = {"benchmark": "embed", "threads": torch.get_num_threads(), "batch_size": args.batch_size, "results": rows}
+    if args.rss_images:
+        result["peak_rss_mb"] = {"images": args.rss_images, "mb": peak_rss_mb(args.rss_images, args.batch_size)}
+    result["this_process_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if args.json:
+        print(json.dumps(result))
+        return
+    print(f"{'images':<12} {'n':>5} {'pipeline img/s':>15} {'ceiling img/s':>14} {'naive img/s':>12} {'pipe/ceil':>10}")
+    for r in rows:
+        print(f"{r['images']:<12} {r['n']:>5} {r['pipeline_ips']:>15.1f} {r['ceiling_ips']:>14.1f} {r['naive_ips']:>12.1f} {r['pipeline_over_ceiling']:>10.2f}")
+    if args.rss_images:
+        print(f"peak RSS embedding {args.rss_images} images: {result['peak_rss_mb']['mb']:.0f} MB")
+
+
+if __name__ == "__main__":
+    main()

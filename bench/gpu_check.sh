@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Run on a CUDA machine from the repository root: embedding + full-mode training, images/s and peak GPU memory.
+# Where the pretrained-weights package is not installed, put its files in .gpu/site (see docs) and they are used.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ -d .gpu/site ]; then export PYTHONPATH="$PWD/.gpu/site:${PYTHONPATH:-}"; fi
+PYTHONUNBUFFERED=1 python3 bench/gpu_check.py "$@"
