@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 
@@ -52,7 +51,12 @@ class Preprocess(nn.Module):
         new_w = max(self.crop, int(round(w * scale)))
         x = image.unsqueeze(0).float()
         if new_h != h or new_w != w:
-            x = F.interpolate(x, size=[new_h, new_w], mode=self.interpolation, antialias=True, align_corners=False)
+            # The antialiased kernels themselves (what F.interpolate calls), so a scripted export
+            # holds only long-standing ops and loads on older PyTorch releases too.
+            if self.interpolation == "bicubic":
+                x = torch._C._nn._upsample_bicubic2d_aa(x, [new_h, new_w], False, None)
+            else:
+                x = torch._C._nn._upsample_bilinear2d_aa(x, [new_h, new_w], False, None)
             x = x.clamp(0.0, 255.0).round()
         top = (new_h - self.crop) // 2
         left = (new_w - self.crop) // 2

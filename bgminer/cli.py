@@ -85,33 +85,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_label(args: argparse.Namespace) -> int:
-    import csv
-
+    from .export import import_labels_csv
     from .project import Project
 
     project = Project(args.project)
-    if args.category:
-        project.add_category(args.category)
     missing: list[str] = []
     if args.csv:
-        with open(args.csv, newline="") as f:
-            rows = list(csv.DictReader(f))
-        if rows and not {"path", "category", "label"} <= set(rows[0]):
-            raise ValueError(f"{args.csv} needs the columns path,category,label")
-        base = Path(args.csv).resolve().parent
-        for row in rows:
-            project.add_category(row["category"])
-            path = Path(row["path"]) if Path(row["path"]).is_absolute() else base / row["path"]
-            missing += project.label_paths(row["category"], [path], row["label"], source="import")
+        result = import_labels_csv(project, args.csv)
+        missing += result.missing + result.invalid
     elif not args.category:
         raise ValueError("give --category C with --positive/--negative paths, or --csv FILE")
-    for value, paths in (("positive", args.positive), ("negative", args.negative)):
-        if paths:
-            missing += project.label_paths(args.category, paths, value, source="user")
+    if args.category:
+        project.add_category(args.category)
+        for value, paths in (("positive", args.positive), ("negative", args.negative)):
+            if paths:
+                missing += project.label_paths(args.category, paths, value, source="user")
     counts = project.store.label_counts()
-    _emit(args, {"labels": counts, "not_in_project": missing}, lambda o: "\n".join(
+    _emit(args, {"labels": counts, "not_labeled": missing}, lambda o: "\n".join(
         [f"{c}: {n['positive']} positive, {n['negative']} negative" for c, n in o["labels"].items()]
-        + [f"not an ingested image: {m}" for m in o["not_in_project"]]))
+        + [f"not labeled: {m}" for m in o["not_labeled"]]))
     return 0 if not missing else 1
 
 

@@ -75,7 +75,8 @@ class FeatureCache:
                 tmp = path.with_suffix(".tmp.npy")
                 new = np.lib.format.open_memmap(tmp, mode="w+", dtype=spec.dtype, shape=(new_rows, *spec.shape))
                 for start in range(0, old_rows, 4096):
-                    new[start : start + 4096] = old[start : start + 4096]
+                    end = min(start + 4096, old_rows)
+                    new[start:end] = old[start:end]
                 new.flush()
                 del new, old
                 os.replace(tmp, path)
