@@ -29,10 +29,10 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bgminer.backbone import Preprocess, load_backbone  # noqa: E402
-from bgminer.features import FeatureCache, embed_images  # noqa: E402
-from bgminer.imageio import load_rgb, to_tensor_uint8  # noqa: E402
-from bgminer.store import Store  # noqa: E402
+from bgminer.backbone import Preprocess, load_backbone
+from bgminer.features import FeatureCache, embed_images
+from bgminer.imageio import load_rgb, to_tensor_uint8
+from bgminer.store import Store
 
 
 def _store_for(paths: list[Path], root: Path) -> tuple[Store, FeatureCache]:

@@ -22,12 +22,12 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bgminer.backbone import load_backbone  # noqa: E402
-from bgminer.evaluate import average_precision  # noqa: E402
-from bgminer.features import FeatureCache, PixelLoader, embed_images  # noqa: E402
-from bgminer.model import build_model  # noqa: E402
-from bgminer.store import Store  # noqa: E402
-from bgminer.train import TrainConfig, build_training_set, score, train  # noqa: E402
+from bgminer.backbone import load_backbone
+from bgminer.evaluate import average_precision
+from bgminer.features import FeatureCache, PixelLoader, embed_images
+from bgminer.model import build_model
+from bgminer.store import Store
+from bgminer.train import TrainConfig, build_training_set, score, train
 
 DEMO = ROOT / "assets" / "demo"
 

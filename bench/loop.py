@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bgminer.project import Project  # noqa: E402
+from bgminer.project import Project
 
 CATEGORY = "rare"
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -47,8 +47,8 @@ class Preprocess(nn.Module):
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         h, w = image.shape[-2], image.shape[-1]
         scale = float(self.resize) / float(min(h, w))
-        new_h = max(self.crop, int(round(h * scale)))
-        new_w = max(self.crop, int(round(w * scale)))
+        new_h = max(self.crop, int(round(h * scale)))  # noqa: RUF046 (TorchScript: round() gives a float)
+        new_w = max(self.crop, int(round(w * scale)))  # noqa: RUF046
         x = image.unsqueeze(0).float()
         if new_h != h or new_w != w:
             # The antialiased kernels themselves (what F.interpolate calls), so a scripted export

@@ -10,9 +10,10 @@ from __future__ import annotations
 import threading
 import time
 import traceback
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
-from .progress import CancelToken, Cancelled
+from .progress import Cancelled, CancelToken
 from .store import JobRecord, Store
 
 # Progress writes are throttled so a fast loop does not hammer SQLite.
@@ -77,7 +78,7 @@ class JobRunner:
             result = fn(progress=progress, cancel=token)
         except Cancelled:
             store.update_job(job_id, state="cancelled", message="cancelled")
-        except Exception as exc:  # the job row carries the error to the UI / CLI
+        except Exception as exc:  # noqa: BLE001 (any failure is recorded on the job row for the UI / CLI)
             store.update_job(job_id, state="failed", error=f"{type(exc).__name__}: {exc}", message=traceback.format_exc(limit=3))
         else:
             store.update_job(job_id, state="done", progress=1.0, result=_jsonable(result))

@@ -16,8 +16,8 @@ import numpy as np
 
 # Contiguous ranges of the standard ImageNet-1k class order for common broad words.
 BROAD_GROUPS: dict[str, list[range]] = {
-    "animal": [range(0, 398)],
-    "fish": [range(0, 7), range(389, 398)],
+    "animal": [range(398)],
+    "fish": [range(7), range(389, 398)],
     "bird": [range(7, 25), range(80, 101), range(127, 147)],
     "reptile": [range(33, 69)],
     "amphibian": [range(25, 33)],
