@@ -11,9 +11,9 @@ from pathlib import Path
 
 import streamlit as st
 
+from app_pages import common
 from bgminer.cli import build_demo_project
 from bgminer.project import Project
-from pages import common
 
 STYLE = Path(__file__).parent / "assets" / "style.css"
 ACTIVE_JOB_IDS = "jobs_active_ids"  # session: jobs seen running at the last panel refresh

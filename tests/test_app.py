@@ -42,10 +42,28 @@ def small_demo(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def small_trained(small_demo, tmp_path_factory) -> Path:
+    """The small demo with five animal seeds and one trained model (trained once)."""
+    root = tmp_path_factory.mktemp("small-trained") / "project"
+    shutil.copytree(small_demo / "project", root)
+    project = Project(root)
+    project.label(DEMO_CATEGORY, animal_ids(project, small_demo)[:5], "positive")
+    project.train(DEMO_CATEGORY)
+    return root
+
+
 @pytest.fixture
 def demo(small_demo, tmp_path) -> Project:
     """A private copy of the small demo project (the images themselves are shared, read-only)."""
     shutil.copytree(small_demo / "project", tmp_path / "project")
+    return Project(tmp_path / "project")
+
+
+@pytest.fixture
+def trained(small_trained, tmp_path) -> Project:
+    """A private copy of the small demo with seeds and a trained model."""
+    shutil.copytree(small_trained, tmp_path / "project")
     return Project(tmp_path / "project")
 
 
@@ -58,7 +76,7 @@ def app(root: Path | str, page: str | None = None) -> AppTest:
     at.session_state["project_root"] = str(root)
     at.run()
     if page is not None:
-        at.switch_page(f"pages/{page}.py").run()
+        at.switch_page(f"app_pages/{page}.py").run()
     assert not at.exception, [e.value for e in at.exception]
     return at
 
@@ -87,11 +105,6 @@ def png_bytes(color: tuple[int, int, int] = (200, 30, 30), size: int = 64) -> by
     return buf.getvalue()
 
 
-def train_once(project: Project, small_demo: Path) -> None:
-    project.label(DEMO_CATEGORY, animal_ids(project, small_demo)[:5], "positive")
-    project.train(DEMO_CATEGORY)
-
-
 # -- no project, empty project ----------------------------------------------------------
 def test_sidebar_offers_to_build_the_demo_when_the_folder_is_no_project(tmp_path):
     at = app(tmp_path / "nothing-here")
@@ -103,6 +116,7 @@ def test_sidebar_offers_to_build_the_demo_when_the_folder_is_no_project(tmp_path
 def test_every_page_without_a_project_points_to_the_sidebar(tmp_path, page):
     at = app(tmp_path / "nothing-here", page)
     assert "No project is open" in texts(at.info)
+    assert at.sidebar.button(key="project_build_demo")
 
 
 def test_sidebar_creates_a_new_project(tmp_path):
@@ -194,7 +208,7 @@ def test_find_text_search_names_the_imagenet_classes_it_matched(demo):
     at = app(demo.root, "find")
     at.segmented_control(key="find_mode").set_value("text").run()
     at.text_input(key="find_text_query").set_value("dog").run()
-    assert "Matched ImageNet classes" in texts(at.caption)
+    assert "ImageNet classes:" in texts(at.caption)
     assert len(at.image) == 24
 
 
@@ -245,53 +259,48 @@ def test_review_without_positives_sends_the_user_to_find(demo):
     assert "label a few" in texts(at.info)
 
 
-def test_review_decisions_reach_the_store_before_the_next_image(demo, small_demo):
-    train_once(demo, small_demo)
-    at = app(demo.root, "review")
+def test_review_decisions_reach_the_store_before_the_next_image(trained):
+    at = app(trained.root, "review")
     queue = at.session_state["review_queue"].items
     first, second = queue[0].image_id, queue[1].image_id
     at.button(key="review-positive").click().run()
-    assert demo.store.labels(DEMO_CATEGORY)[first] == "positive"
+    assert trained.store.labels(DEMO_CATEGORY)[first] == "positive"
     assert at.session_state["review_queue"].items[0].image_id == second
     at.button(key="review-negative-alt").click().run()  # the N twin of X
-    assert demo.store.labels(DEMO_CATEGORY)[second] == "negative"
+    assert trained.store.labels(DEMO_CATEGORY)[second] == "negative"
 
 
-def test_review_undo_restores_the_previous_label_and_image(demo, small_demo):
-    train_once(demo, small_demo)
-    at = app(demo.root, "review")
+def test_review_undo_restores_the_previous_label_and_image(trained):
+    at = app(trained.root, "review")
     first = at.session_state["review_queue"].items[0].image_id
     at.button(key="review-negative").click().run()
     at.button(key="review-undo").click().run()
-    assert first not in demo.store.labels(DEMO_CATEGORY)
+    assert first not in trained.store.labels(DEMO_CATEGORY)
     assert at.session_state["review_queue"].items[0].image_id == first
 
 
-def test_review_skip_moves_on_without_labeling(demo, small_demo):
-    train_once(demo, small_demo)
-    at = app(demo.root, "review")
+def test_review_skip_moves_on_without_labeling(trained):
+    at = app(trained.root, "review")
     first = at.session_state["review_queue"].items[0].image_id
-    before = dict(demo.store.labels(DEMO_CATEGORY))
+    before = dict(trained.store.labels(DEMO_CATEGORY))
     at.button(key="review-skip").click().run()
-    assert demo.store.labels(DEMO_CATEGORY) == before
+    assert trained.store.labels(DEMO_CATEGORY) == before
     assert at.session_state["review_queue"].items[0].image_id != first
 
 
-def test_review_shows_counters_and_every_strategy(demo, small_demo):
-    train_once(demo, small_demo)
-    at = app(demo.root, "review")
+def test_review_shows_counters_and_every_strategy(trained):
+    at = app(trained.root, "review")
     assert {m.label for m in at.metric} >= {"Reviewed", "Found", "Precision, last 20"}
     assert set(at.segmented_control(key="review_strategy").options) >= {"Most likely", "Uncertain", "Near seeds", "Random", "Mixed"}
 
 
-def test_review_grid_saves_ticked_positive_and_the_rest_negative(demo, small_demo):
-    train_once(demo, small_demo)
-    at = app(demo.root, "review")
+def test_review_grid_saves_ticked_positive_and_the_rest_negative(trained):
+    at = app(trained.root, "review")
     at.segmented_control(key="review_view").set_value("grid").run()
     batch = [c.image_id for c in at.session_state["review_queue"].items[:12]]
     at.checkbox(key=f"review-grid-{batch[0]}").check()
     at.button(key="review-grid-save").click().run()
-    labels = demo.store.labels(DEMO_CATEGORY)
+    labels = trained.store.labels(DEMO_CATEGORY)
     assert labels[batch[0]] == "positive"
     assert all(labels[i] == "negative" for i in batch[1:])
 
@@ -303,9 +312,8 @@ def test_export_before_training_offers_labels_only(demo):
     assert at.download_button(key="export-scores").disabled
 
 
-def test_export_offers_model_labels_and_scores(demo, small_demo):
-    train_once(demo, small_demo)
-    at = app(demo.root, "export")
+def test_export_offers_model_labels_and_scores(trained):
+    at = app(trained.root, "export")
     keys = {b.key for b in at.download_button}
     assert keys >= {"export-model", "export-labels", "export-scores"}
     assert not at.download_button(key="export-model").disabled

@@ -11,9 +11,9 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
+from app_pages import common
 from bgminer.corpus import IngestError, extract_zip
 from bgminer.imageio import ImageRejected, read_image
-from pages import common
 
 UPLOAD_LIMIT_MB = 200
 IMAGE_TYPES = ["jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"]

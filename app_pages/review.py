@@ -6,24 +6,27 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import altair as alt
 import numpy as np
 import pandas as pd
 import streamlit as st
 
+from app_pages import common
 from bgminer.imageio import ImageRejected, load_rgb, make_thumbnail
 from bgminer.rank import STRATEGIES
-from pages import common
 
 QUEUE_SIZE = 50
 STRIP = 8
 GRID = 12
 PREVIEW_SIZE = 768
+HISTOGRAM_BINS = 20
 STRATEGY_NAMES = {
     "most-likely": "Most likely",
     "uncertain": "Uncertain",
     "near-positives": "Near seeds",
     "random": "Random",
     "mixed": "Mixed",
+    "validate": "Validation sample",
 }
 STRATEGY = "review_strategy"
 VIEW = "review_view"
@@ -61,8 +64,8 @@ def score_histogram(root: str, category: str, model_id: int) -> pd.DataFrame | N
     scored = project.scores(category)
     if scored is None:
         return None
-    counts, edges = np.histogram(np.asarray(scored[1], dtype=np.float64), bins=20, range=(0.0, 1.0))
-    return pd.DataFrame({"score": [f"{e:.2f}" for e in edges[:-1]], "images": counts})
+    counts, edges = np.histogram(np.asarray(scored[1], dtype=np.float64), bins=HISTOGRAM_BINS, range=(0.0, 1.0))
+    return pd.DataFrame({"score": edges[:-1], "score_end": edges[1:], "images": counts})
 
 
 def queue() -> ReviewQueue:
@@ -75,8 +78,8 @@ def queue() -> ReviewQueue:
         current.items = [c for c in current.items if c.image_id not in labeled and c.image_id not in skipped]
         if current.items:
             return current
-    items = [c for c in project.suggest(category, n=QUEUE_SIZE + len(skipped), strategy=strategy) if c.image_id not in skipped]
-    st.session_state[QUEUE] = ReviewQueue(key, items[:QUEUE_SIZE])
+    items = project.suggest(category, n=QUEUE_SIZE, strategy=strategy, exclude=sorted(skipped))
+    st.session_state[QUEUE] = ReviewQueue(key, items)
     return st.session_state[QUEUE]
 
 
@@ -137,7 +140,7 @@ if model is None and counts["positive"] == 0:
 if model is None:
     st.info("No model yet: candidates are the images nearest to your seeds. Train one for a real ranking.", icon=":material/model_training:")
 
-options = list(STRATEGIES) if model is not None else [s for s in STRATEGIES if s in ("near-positives", "random")]
+options = [*STRATEGIES, "validate"] if model is not None else [s for s in STRATEGIES if s in ("near-positives", "random")]
 if st.session_state.get(STRATEGY) not in options:
     st.session_state[STRATEGY] = options[0]
 top = st.columns([3, 1], vertical_alignment="bottom")
@@ -148,14 +151,32 @@ main, side = st.columns([3, 1], gap="large")
 with side:
     stats = project.review_stats(category)
     st.metric("Reviewed", stats.reviewed)
-    st.metric("Found", stats.found, help="Positives for this category, seeds included")
+    st.metric("Found", stats.found, help="Positives found in review (seeds not counted)")
     st.metric("Precision, last 20", "–" if stats.precision_last20 is None else f"{stats.precision_last20:.0%}")
+    if model is not None:
+        status = project.status(category)
+        estimate = status["estimate"]
+        if estimate is None:
+            st.caption(status.get("estimate_note", ""))
+        else:
+            st.metric(
+                "Est. positives left",
+                f"{estimate['remaining']:.0f}",
+                help=f"{estimate['confidence']:.0%} interval {estimate['remaining_low']:.0f}–{estimate['remaining_high']:.0f}, "
+                f"from {estimate['sample_size']} validation images",
+            )
     if stats.curve:
         st.caption("Discovery curve: positives found vs. reviewed")
         st.line_chart(pd.DataFrame({"found": stats.curve}, index=pd.RangeIndex(1, len(stats.curve) + 1, name="reviewed")), height=160)
     if model is not None and (hist := score_histogram(str(project.root), category, model.id)) is not None:
-        st.caption(f"Scores of model v{model.id} over the corpus")
-        st.bar_chart(hist, x="score", y="images", height=160)
+        st.caption(f"Scores of model v{model.id} over the corpus (log scale)")
+        bars = alt.Chart(hist).mark_bar().encode(
+            x=alt.X("score:Q", bin=alt.Bin(binned=True, step=1 / HISTOGRAM_BINS), title="score"),
+            x2="score_end:Q",
+            y=alt.Y("images:Q", scale=alt.Scale(type="symlog"), title="images"),
+            tooltip=["score", "images"],
+        )
+        st.altair_chart(bars.properties(height=160), width="stretch")
 
 with main:
     try:

@@ -10,33 +10,38 @@ from pathlib import Path
 
 import streamlit as st
 
+from app_pages import common
 from bgminer import export
-from pages import common
 
 project = common.require_project()
 category = common.require_category(project)
 store = project.store
 model = store.active_model(category)
 slug = "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in category)
+folder = f"bgminer-{slug}-v{model.id}" if model is not None else ""
 
 
 def model_zip() -> bytes:
-    """The exported model folder as one zip (built when the button is clicked)."""
+    """The export folder (model.ts, metadata.json, state_dict.pt) as one zip, built on click."""
     with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / f"bgminer-{slug}-v{model.id}"
-        export.export_model(project, category, out)
+        result = export.export_model(project, category, Path(tmp) / folder)
         buf = io.BytesIO()
         with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
-            for path in sorted(out.rglob("*")):
-                if path.is_file():
-                    zf.write(path, path.relative_to(out.parent))
+            for path in (result.model, result.metadata, result.state_dict):
+                zf.write(path, f"{folder}/{path.name}")
         return buf.getvalue()
 
 
-def csv_bytes(write, *args) -> bytes:
+def labels_csv() -> bytes:
+    buf = io.StringIO()
+    export.write_labels_csv(project, buf)
+    return buf.getvalue().encode("utf-8")
+
+
+def scores_csv() -> bytes:
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "out.csv"
-        write(project, *args, path)
+        path = Path(tmp) / "scores.csv"
+        export.write_scores(project, path, format="csv")
         return path.read_bytes()
 
 
@@ -55,42 +60,58 @@ else:
     st.download_button(
         f"Download model v{model.id} (.zip)",
         data=model_zip,
-        file_name=f"bgminer-{slug}-v{model.id}.zip",
+        file_name=f"{folder}.zip",
         mime="application/zip",
         icon=":material/deployed_code:",
         type="primary",
         on_click="ignore",
         key="export-model",
     )
-    st.caption("A self-contained folder: weights, preprocessing, class names and metadata (labels, config, metrics).")
+    st.caption(
+        "One TorchScript file (`model.ts`: preprocessing + network, uint8 images of any size in, "
+        f"probabilities for {', '.join(model.categories)} out), its `metadata.json` (labels, config, metrics) "
+        "and the plain `state_dict.pt`."
+    )
     st.code(
-        f"""# pip install torch timm pillow   (no bgminer needed)
-from bgminer_model import load          # shipped inside the zip
-model = load("bgminer-{slug}-v{model.id}")
-print(model.predict(["photo1.jpg", "photo2.jpg"]))   # probability of "{category}" per image""",
+        f"""# With bgminer installed (same decoding as the app, whole folders at once):
+from bgminer.export import predict
+for path, scores in predict("{folder}", ["new-photos/"]):
+    print(path, scores["{category}"])
+
+# With torch alone: model.ts takes uint8 RGB tensors [3, H, W] of any size
+# (composite transparent images onto white first, as the app does).
+import torch
+from torchvision.io import ImageReadMode, read_image
+model = torch.jit.load("{folder}/model.ts")
+probs = model([read_image("photo.jpg", ImageReadMode.RGB)])   # [1, {len(model.categories)}], columns = model.categories""",
         language="python",
     )
+    st.caption("The command line does the same: `bgminer predict " + folder + " new-photos/ --json`.")
 
 st.subheader("Labels and scores", anchor=False)
+labeled = sum(sum(n.values()) for n in store.label_counts().values())
 with st.container(horizontal=True):
     st.download_button(
         "Labels CSV",
-        data=lambda: csv_bytes(export.export_labels_csv),
+        data=labels_csv,
         file_name="labels.csv",
         mime="text/csv",
         icon=":material/table:",
         on_click="ignore",
         key="export-labels",
-        disabled=not any(common.label_counts(project, c)["positive"] + common.label_counts(project, c)["negative"] for c in store.categories()),
+        disabled=labeled == 0,
     )
     st.download_button(
-        f"Scores CSV · {category}",
-        data=lambda: csv_bytes(export.export_scores_csv, category),
-        file_name=f"scores-{slug}.csv",
+        "Scores CSV",
+        data=scores_csv,
+        file_name="scores.csv",
         mime="text/csv",
         icon=":material/leaderboard:",
         on_click="ignore",
         key="export-scores",
         disabled=model is None,
     )
-st.caption("Labels: one row per current decision (image, path, category, label, source, time). Scores: the active model's score for every image.")
+st.caption(
+    "Labels: one row per current decision (path, category, label, source, author, time, score, sha256), every category. "
+    "Scores: every image with one column per trained category."
+)

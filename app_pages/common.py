@@ -23,11 +23,11 @@ from bgminer.store import JobRecord, StoreError
 
 DEFAULT_PROJECT = "projects/demo"
 PAGES = {
-    "corpus": "pages/corpus.py",
-    "find": "pages/find.py",
-    "train": "pages/train.py",
-    "review": "pages/review.py",
-    "export": "pages/export.py",
+    "corpus": "app_pages/corpus.py",
+    "find": "app_pages/find.py",
+    "train": "app_pages/train.py",
+    "review": "app_pages/review.py",
+    "export": "app_pages/export.py",
 }
 # Session-state names (UI state only; everything durable is in the store).
 PROJECT_ROOT = "project_root"  # folder of the open project

@@ -8,10 +8,11 @@ import io
 import pandas as pd
 import streamlit as st
 
+from app_pages import common
 from bgminer.imageio import ImageRejected, read_image
-from pages import common
 
 RESULTS = 24
+MAX_CLASSES_SHOWN = 12
 COLUMNS = 6
 MODES = {
     "browse": ":material/shuffle: Browse",
@@ -92,7 +93,7 @@ else:
     cols[1].metric("Negatives", n["negative"])
     with cols[2]:
         if n["positive"] == 0:
-            st.caption("Find a few positives (👍) to start. Five to ten is plenty for a first model.")
+            st.caption("Mark a few positives (:material/thumb_up:) to start. Five to ten is plenty for a first model.")
         else:
             st.caption("Enough seeds? Train a model, then review its best guesses.")
             st.page_link(common.PAGES["train"], label="Go to Train", icon=":material/arrow_forward:")
@@ -117,7 +118,9 @@ elif mode == "text":
     if query.strip():
         classes, candidates = project.search_text(query.strip(), n=RESULTS)
         if classes:
-            st.caption("Matched ImageNet classes: " + ", ".join(f"`{c}`" for c in classes))
+            shown = ", ".join(f"`{c}`" for c in classes[:MAX_CLASSES_SHOWN])
+            more = f" and {len(classes) - MAX_CLASSES_SHOWN} more" if len(classes) > MAX_CLASSES_SHOWN else ""
+            st.caption(f"Matched {len(classes)} ImageNet classes: {shown}{more}")
         else:
             st.warning("No ImageNet class name matches those words; try a more common word or browse instead.")
 

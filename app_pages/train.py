@@ -8,9 +8,9 @@ import time
 import pandas as pd
 import streamlit as st
 
+from app_pages import common
 from bgminer.model import MODES
 from bgminer.train import TrainConfig
-from pages import common
 
 MODE = "train_mode"
 AUX_WEIGHT = "train_aux_weight"
