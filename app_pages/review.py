@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import altair as alt
 import numpy as np
 import pandas as pd
 import streamlit as st
@@ -27,6 +26,23 @@ STRATEGY_NAMES = {
     "random": "Random",
     "mixed": "Mixed",
     "validate": "Validation sample",
+}
+# Plain Vega-Lite specs: the page reruns on every decision and these skip Altair's schema validation.
+DISCOVERY_SPEC = {
+    "mark": {"type": "line", "interpolate": "step-after"},
+    "encoding": {
+        "x": {"field": "reviewed", "type": "quantitative", "title": "reviewed"},
+        "y": {"field": "found", "type": "quantitative", "title": "found"},
+    },
+}
+HISTOGRAM_SPEC = {
+    "mark": "bar",
+    "encoding": {
+        "x": {"field": "score", "type": "quantitative", "bin": {"binned": True, "step": 1 / HISTOGRAM_BINS}, "title": "score"},
+        "x2": {"field": "score_end"},
+        "y": {"field": "images", "type": "quantitative", "scale": {"type": "symlog"}, "title": "images"},
+        "tooltip": [{"field": "score", "format": ".2f"}, {"field": "images"}],
+    },
 }
 STRATEGY = "review_strategy"
 VIEW = "review_view"
@@ -73,6 +89,8 @@ def queue() -> ReviewQueue:
     skipped = st.session_state.setdefault(SKIPPED, {}).setdefault((str(project.root), category), set())
     key = (str(project.root), category, strategy, None if model is None else model.id)
     current = st.session_state.get(QUEUE)
+    if current is not None and current.key[:3] == key[:3] and current.key[3] != key[3] and model is not None:
+        st.toast(f"Model v{model.id} is ready: the queue is re-ranked.", icon=":material/model_training:")
     if current is not None and current.key == key:
         labeled = store.labels(category)  # another tab may have labeled some meanwhile
         current.items = [c for c in current.items if c.image_id not in labeled and c.image_id not in skipped]
@@ -167,16 +185,11 @@ with side:
             )
     if stats.curve:
         st.caption("Discovery curve: positives found vs. reviewed")
-        st.line_chart(pd.DataFrame({"found": stats.curve}, index=pd.RangeIndex(1, len(stats.curve) + 1, name="reviewed")), height=160)
+        curve = pd.DataFrame({"reviewed": range(1, len(stats.curve) + 1), "found": stats.curve})
+        st.vega_lite_chart(curve, DISCOVERY_SPEC, height=160)
     if model is not None and (hist := score_histogram(str(project.root), category, model.id)) is not None:
         st.caption(f"Scores of model v{model.id} over the corpus (log scale)")
-        bars = alt.Chart(hist).mark_bar().encode(
-            x=alt.X("score:Q", bin=alt.Bin(binned=True, step=1 / HISTOGRAM_BINS), title="score"),
-            x2="score_end:Q",
-            y=alt.Y("images:Q", scale=alt.Scale(type="symlog"), title="images"),
-            tooltip=["score", "images"],
-        )
-        st.altair_chart(bars.properties(height=160), width="stretch")
+        st.vega_lite_chart(hist, HISTOGRAM_SPEC, height=160)
 
 with main:
     try:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import shutil
+import sys
 import time
 import zipfile
 from pathlib import Path
@@ -16,9 +17,12 @@ from PIL import Image
 from streamlit.testing.v1 import AppTest
 
 from bgminer.cli import DEMO_CATEGORY, DEMO_DIR
+from bgminer.progress import CancelToken
 from bgminer.project import Project
 
-APP = str(Path(__file__).resolve().parent.parent / "app.py")
+REPO = Path(__file__).resolve().parent.parent
+APP = str(REPO / "app.py")
+sys.path.insert(0, str(REPO))  # the app's own modules (app_pages), as `streamlit run app.py` sees them
 TIMEOUT = 60
 
 
@@ -133,6 +137,28 @@ def test_pages_of_an_empty_project_send_the_user_to_corpus(tmp_path, page):
     Project.create(tmp_path / "p")
     at = app(tmp_path / "p", page)
     assert "no images yet" in texts(at.info).lower()
+
+
+def test_job_panel_shows_a_running_job_and_cancels_it(demo):
+    from app_pages import common
+
+    at = app(demo.root)
+    runner = common.job_runner(common.open_project(demo.root))  # the app's runner (cached per project)
+
+    def wait_for_cancel(progress, cancel: CancelToken) -> None:
+        progress(1, 4, "waiting")
+        while True:
+            cancel.check()
+            time.sleep(0.02)
+
+    job_id = runner.start("ingest", wait_for_cancel)
+    while demo.store.job(job_id).progress == 0:
+        time.sleep(0.02)
+    at.run()
+    bar = at.sidebar.progress[0]
+    assert (bar.value, bar.text) == (25, f"ingest #{job_id}: waiting")
+    at.sidebar.button(key=f"job-cancel-{job_id}").click().run()
+    assert runner.wait(job_id, timeout=10).state == "cancelled"
 
 
 # -- corpus -----------------------------------------------------------------------------
@@ -318,3 +344,14 @@ def test_export_offers_model_labels_and_scores(trained):
     assert keys >= {"export-model", "export-labels", "export-scores"}
     assert not at.download_button(key="export-model").disabled
     assert len(at.code) == 1
+
+
+def test_auto_retrain_starts_a_round_once_enough_new_labels_arrive(trained):
+    trained.store.set_meta("ui.auto_retrain_after", "2")
+    at = app(trained.root, "review")
+    at.button(key="review-negative").click().run()
+    assert not trained.store.jobs()
+    at.button(key="review-negative").click().run()
+    assert [j.kind for j in trained.store.jobs()] == ["train"]
+    wait_for_jobs(trained)
+    assert trained.store.active_model(DEMO_CATEGORY).id == 2
