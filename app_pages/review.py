@@ -31,8 +31,8 @@ STRATEGY_NAMES = {
 DISCOVERY_SPEC = {
     "mark": {"type": "line", "interpolate": "step-after"},
     "encoding": {
-        "x": {"field": "reviewed", "type": "quantitative", "title": "reviewed"},
-        "y": {"field": "found", "type": "quantitative", "title": "found"},
+        "x": {"field": "reviewed", "type": "quantitative", "title": "reviewed", "axis": {"tickMinStep": 1, "format": "d"}},
+        "y": {"field": "found", "type": "quantitative", "title": "found", "axis": {"tickMinStep": 1, "format": "d"}},
     },
 }
 HISTOGRAM_SPEC = {
@@ -237,13 +237,14 @@ with main:
         batch = q.items[:GRID]
         ids = [c.image_id for c in batch]
         st.caption("Tick the positives; saving marks the rest negative.")
-        with st.form("review-grid", border=False):
+        with st.form("review-grid", border=False), st.container(key="grid-review"):
             for start in range(0, len(batch), 6):
                 cells = st.columns(6)
                 for cell, c in zip(cells, batch[start : start + 6]):
-                    with cell, st.container(border=True):
+                    with cell, st.container(border=True, key=f"card-review-{c.image_id}"):
                         st.image(str(project.thumbnail(c.image_id)), width="stretch")
-                        st.checkbox(f"#{c.image_id} {score_text(c.score)}", key=f"review-grid-{c.image_id}")
+                        score = "" if c.score is None else f" · {c.score:.2f}"
+                        st.checkbox(f"#{c.image_id}{score}", key=f"review-grid-{c.image_id}")
             st.form_submit_button(
                 f"Save {len(batch)}: ticked positive, others negative",
                 icon=":material/done_all:",
