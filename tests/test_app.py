@@ -246,6 +246,16 @@ def test_find_more_like_this_shows_neighbours_of_the_clicked_image(demo):
     assert f"#{first}" in texts(at.caption) or len(at.image) == 25
 
 
+def test_find_example_upload_shows_the_most_similar_images(demo, small_demo):
+    example = Path((small_demo / "animals.txt").read_text().splitlines()[0])
+    at = app(demo.root, "find")
+    at.segmented_control(key="find_mode").set_value("upload").run()
+    at.file_uploader(key="find_upload").set_value((example.name, example.read_bytes(), "image/png")).run()
+    assert not at.error
+    assert len(at.image) == 1 + 24  # the example, then its neighbours
+    assert at.button(key=f"find-positive-{demo.store.image_id_for_path(str(example))}")  # the same picture ranks among them
+
+
 def test_find_refuses_a_non_image_example(demo):
     at = app(demo.root, "find")
     at.segmented_control(key="find_mode").set_value("upload").run()
