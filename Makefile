@@ -34,4 +34,4 @@ test: install system-deps
 	$(PY) -m pytest -q
 
 lint: install
-	$(VENV)/bin/ruff check bgminer tests bench pages app.py
+	$(VENV)/bin/ruff check bgminer tests bench scripts app_pages app.py
