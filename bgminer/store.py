@@ -9,6 +9,7 @@ call returns.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -92,6 +93,10 @@ MIGRATIONS: list[str] = [
         finished_at REAL,
         error TEXT
     );
+    """,
+    # 2: the process running a job, so only jobs whose process died are marked orphaned.
+    """
+    ALTER TABLE jobs ADD COLUMN pid INTEGER;
     """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -462,8 +467,8 @@ class Store:
     def add_job(self, kind: str, params: dict | None = None) -> int:
         with self.write() as db:
             return db.execute(
-                "INSERT INTO jobs (kind, state, params, started_at) VALUES (?, 'queued', ?, ?)",
-                (kind, json.dumps(params or {}), time.time()),
+                "INSERT INTO jobs (kind, state, params, started_at, pid) VALUES (?, 'queued', ?, ?, ?)",
+                (kind, json.dumps(params or {}, default=str), time.time(), os.getpid()),
             ).lastrowid
 
     def update_job(self, job_id: int, **fields: Any) -> None:
@@ -489,13 +494,26 @@ class Store:
             sql += " WHERE state IN ('queued', 'running')"
         return [_job_record(r) for r in self.db.execute(sql + f" ORDER BY id DESC LIMIT {int(limit)}")]
 
-    def fail_orphaned_jobs(self, reason: str = "interrupted: the process running it ended") -> None:
-        """Jobs left 'running' by a process that died are marked failed (called on open)."""
+    def fail_orphaned_jobs(self, reason: str = "interrupted: the process running it ended") -> int:
+        """Mark failed the jobs left queued/running by a process that no longer exists; returns how many."""
+        rows = self.db.execute("SELECT id, pid FROM jobs WHERE state IN ('queued', 'running')").fetchall()
+        dead = [r["id"] for r in rows if r["pid"] is None or not _process_alive(r["pid"])]
         with self.write() as db:
-            db.execute(
-                "UPDATE jobs SET state = 'failed', error = ?, finished_at = ? WHERE state IN ('queued', 'running')",
-                (reason, time.time()),
+            db.executemany(
+                "UPDATE jobs SET state = 'failed', error = ?, finished_at = ? WHERE id = ?",
+                [(reason, time.time(), job_id) for job_id in dead],
             )
+        return len(dead)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def _split_sql(script: str) -> list[str]:

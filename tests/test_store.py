@@ -96,3 +96,34 @@ def test_jobs_record_state(store):
     assert store.job(job).cancel_requested
     store.update_job(job, state="cancelled")
     assert store.job(job).finished_at is not None
+
+
+def test_only_jobs_of_dead_processes_are_marked_orphaned(store):
+    import subprocess
+    import sys
+
+    alive = store.add_job("embed")  # this process
+    dead = store.add_job("train")
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    store.db.execute("UPDATE jobs SET pid = ? WHERE id = ?", (int(gone.stdout), dead))
+    assert store.fail_orphaned_jobs() == 1
+    assert store.job(alive).state == "queued"
+    assert store.job(dead).state == "failed" and "interrupted" in store.job(dead).error
+
+
+def test_a_version_1_store_is_migrated_in_place(tmp_path):
+    import sqlite3
+
+    from bgminer.store import MIGRATIONS, _split_sql
+
+    path = tmp_path / "old.sqlite"
+    db = sqlite3.connect(path)
+    for statement in _split_sql(MIGRATIONS[0]):
+        db.execute(statement)
+    db.execute("PRAGMA user_version = 1")
+    db.execute("INSERT INTO jobs (kind, state) VALUES ('embed', 'done')")
+    db.commit()
+    db.close()
+    s = Store(path)
+    assert s.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    assert s.job(1).kind == "embed"
