@@ -183,7 +183,10 @@ class Project:
             inputs = self._inputs(config.mode)
             labels = {k: self.store.labels(c) for k, c in enumerate(cats)}
             training_set = build_training_set(inputs, labels, ids, self.features.open("logits"), config)
-            result = train(model, training_set, config, progress=progress, cancel=cancel)
+            def record_losses(epochs) -> None:  # live loss curve for the Train page
+                self.store.update_model(model_id, losses=[asdict(e) for e in epochs])
+
+            result = train(model, training_set, config, progress=progress, cancel=cancel, on_epoch=record_losses)
             checkpoint = save_checkpoint(result.model, self.models_dir / f"v{model_id:04d}.pt", extra={"model_id": model_id})
             embeddings, scores = score(result.model, inputs, ids, device=config.device, cancel=cancel)
             write_version(self.scores_dir, model_id, ids, scores, embeddings)

@@ -247,8 +247,11 @@ def train(
     config: TrainConfig,
     progress: ProgressFn | None = None,
     cancel: CancelToken | None = None,
+    on_epoch: Callable[[list[EpochLoss]], None] | None = None,
 ) -> TrainResult:
     """Train a copy of ``model`` on ``training_set``; raises ``Cancelled`` between steps if asked to.
+
+    ``on_epoch`` receives the losses so far after every epoch (for live loss curves).
 
     Deterministic on CPU for a given model, data and config (all randomness comes from ``config.seed``).
     """
@@ -321,6 +324,8 @@ def train(
                 last_report = now
         mean = (sums / max(batches, 1)).cpu().tolist()
         epochs.append(EpochLoss(main=mean[0], aux=mean[1], total=mean[2]))
+        if on_epoch is not None:
+            on_epoch(list(epochs))
     net.eval()
     return TrainResult(
         model=net.cpu(),
