@@ -84,13 +84,18 @@ def ingest(
 ) -> IngestReport:
     """Add every image file under ``sources`` to the store, with a thumbnail each.
 
-    Files already in the store are skipped; bad files and exact duplicates become
+    Files already in the store are skipped, except rejected ones whose size or mtime changed
+    since (fixed or re-copied files are retried); bad files and exact duplicates become
     'rejected' rows with a reason. Raises IngestError (before anything is stored) for a
     source that cannot be read, and progress.Cancelled between chunks when cancelled.
     """
     started = time.perf_counter()
     candidates, ignored = collect_files(sources, Path(uploads_dir))
     known = store.known_files()
+    changed = _changed_rejections(store, [p for p in candidates if p in known])
+    if changed:
+        store.forget_rejected(changed)  # retried below: the file changed since it was rejected
+        known = {p: v for p, v in known.items() if p not in set(changed)}
     todo = [p for p in candidates if p not in known]
     out = IngestReport(skipped_known=len(candidates) - len(todo), ignored=ignored, total_seen=len(candidates))
     dedup = _Deduplicator(store)
@@ -374,3 +379,19 @@ def _write_atomic(dest: Path, data: bytes) -> None:
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp.write_bytes(data)
     os.replace(tmp, dest)
+
+
+def _changed_rejections(store: Store, paths: list[str]) -> list[str]:
+    """Known paths that were rejected and whose file has changed since."""
+    rejected = store.rejected_files()
+    changed = []
+    for path in paths:
+        if path not in rejected:
+            continue
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        if (st.st_size, st.st_mtime) != rejected[path]:
+            changed.append(path)
+    return changed

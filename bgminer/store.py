@@ -229,6 +229,18 @@ class Store:
         """path -> (size, mtime) for every file ever seen, so re-ingest skips them cheaply."""
         return {r[0]: (r[1], r[2]) for r in self.db.execute("SELECT path, size, mtime FROM images")}
 
+    def rejected_files(self) -> dict[str, tuple[int | None, float | None]]:
+        """path -> (size, mtime) of rejected files that carry no labels (safe to forget and retry)."""
+        rows = self.db.execute(
+            "SELECT path, size, mtime FROM images i WHERE status = 'rejected'"
+            " AND NOT EXISTS (SELECT 1 FROM label_events e WHERE e.image_id = i.id)"
+        )
+        return {r[0]: (r[1], r[2]) for r in rows}
+
+    def forget_rejected(self, paths: Sequence[str]) -> None:
+        with self.write() as db:
+            db.executemany("DELETE FROM images WHERE path = ? AND status = 'rejected'", [(p,) for p in paths])
+
     def known_hashes(self) -> dict[str, int]:
         return {r[0]: r[1] for r in self.db.execute("SELECT sha256, id FROM images WHERE status = 'ok'")}
 

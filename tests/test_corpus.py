@@ -260,3 +260,18 @@ def test_process_pool_gives_the_same_accounting_as_in_process(project, tmp_path,
     assert (report.added, report.rejected) == (70, {"duplicate": 1})
     assert report.rejected_files[0][2] == f"same content as {paths[0].resolve()}"
     assert project[0].image_count("ok") == 70
+
+
+def test_a_rejected_file_that_was_fixed_is_retried_on_reingest(project, tmp_path):
+    folder = tmp_path / "fixable"
+    folder.mkdir()
+    broken = folder / "photo.png"
+    broken.write_text("not yet an image")
+    first = run(project, [folder])
+    assert first.added == 0 and first.rejected == {"not_an_image": 1}
+    Image.fromarray(noise(20, 20, seed=3)).save(broken)
+    second = run(project, [folder])
+    assert second.added == 1
+    store = project[0]
+    assert store.image_count("ok") == 1 and store.image_count("rejected") == 0
+    assert run(project, [folder]).added == 0
