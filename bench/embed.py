@@ -90,8 +90,13 @@ from bench.embed import _store_for
 from bgminer.features import embed_images
 from bgminer.backbone import load_backbone
 items = openclipart()
-paths = [items[i % len(items)].path for i in range({n})]
 with tempfile.TemporaryDirectory() as tmp:
+    paths = []  # the clip art cycled through per-round symlinks: the store holds each path once
+    for i in range({n}):
+        link = Path(tmp) / f"r{{i // len(items)}}" / f"{{i % len(items)}}.png"
+        link.parent.mkdir(exist_ok=True)
+        link.symlink_to(items[i % len(items)].path)
+        paths.append(link)
     store, cache = _store_for(paths, Path(tmp))
     embed_images(store, cache, load_backbone(), batch_size={batch_size})
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
