@@ -1,0 +1,520 @@
+"""Quality benchmark on real clip art: does background splitting find rare positives better than the baselines?
+
+Corpus: the deduplicated Open Clip Art images (bench/datasets.py), rare class ``animals``
+(~4.2%), plus variants with the positives subsampled to 0.5% and 0.1% of the corpus. Each
+seed draws its own subsample and a 50/50 stratified train/test split. Everything runs at
+the engine level on cached features (pooled 1280-d, ImageNet logits, last-stage input maps).
+
+- Protocol A (the paper's): ``k`` labeled positives (5, 20, all; a ``k`` at or above the
+  split's positives is "all") and every other training image labeled background. Test AP of
+  kNN-to-positives (max cosine on pretrained features), a logistic-regression probe on the
+  pretrained features, the trainable trunk without the auxiliary loss ("ft", aux_weight 0)
+  and background splitting ("bs", the default TrainConfig), in adapter and last-stage modes.
+- Protocol B (the product's use): from 5 seed positives (half the positives when fewer than
+  10), rounds of train -> rank -> an oracle labels the top 20 -> repeat, 15 rounds (300
+  reviews), on the training split. Positives found after 100/200/300 reviews per strategy
+  (background-splitting model, default config, warm-started each round), for random review,
+  for a logistic-regression loop (most-likely on an LR probe) and a kNN loop (near-positives
+  on pretrained features, no training).
+- Estimator check: at 100 and 200 reviews of the default loop, draw the validation sample
+  (``evaluate.draw_validation_sample`` on the current model's scores of the unreviewed
+  training images), label it with the oracle, ``estimate_remaining``, and count how often the
+  95% interval covers the true number of positives left (several draws per seed).
+
+    .venv/bin/python bench/quality.py                 # full run: A + B + estimator, 5 seeds
+    .venv/bin/python bench/quality.py --quick         # 2 seeds, fewer settings (a few minutes)
+    .venv/bin/python bench/quality.py --protocols A --modes adapter --set aux_weight=0.04 --json
+
+``--set key=value`` overrides TrainConfig fields (and ``adapter_hidden``) of every trained run.
+Torch runs on one thread (``--threads``): on the shared 2-core machine two threads were ~10x slower.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.datasets import RARE_CATEGORY, openclipart_project, stratified_split, subsample_positives
+from bgminer.backbone import load_backbone
+from bgminer.evaluate import average_precision, discovery_curve, draw_validation_sample, estimate_remaining
+from bgminer.index import normalize
+from bgminer.model import DEFAULT_ADAPTER_HIDDEN, build_model
+from bgminer.rank import RankContext, make_strategy
+from bgminer.train import TrainConfig, build_training_set, score, train
+
+CORPORA = {"4%": None, "0.5%": 0.005, "0.1%": 0.001}  # positive share; None = the corpus as it is
+KS = (5, 20, None)  # None = all training positives
+MODES = ("adapter", "last-stage")
+METHODS = ("knn", "lr", "ft", "bs")
+STRATEGY_NAMES = ("most-likely", "uncertain", "near-positives", "mixed")
+CHECKPOINTS = (100, 200, 300)
+SEED_POSITIVES = 5
+ESTIMATE_AT = (100, 200)
+ESTIMATE_DRAWS = 20
+VALIDATION_SIZE = 30  # Project.validation_sample's default
+
+
+@dataclass
+class Data:
+    """Cached features of every embedded clip-art image, rows aligned with ``paths``."""
+
+    paths: list[str]
+    positive: np.ndarray  # bool [N]
+    pooled: np.ndarray  # float32 [N, 1280]
+    logits: np.ndarray  # float16 [N, 1000]
+    maps: np.ndarray  # float16 [N, 192, 7, 7]
+    row_of: dict[str, int] = field(default_factory=dict)
+
+    def inputs(self, mode: str) -> np.ndarray:
+        return self.pooled if mode == "adapter" else self.maps
+
+
+@dataclass
+class Split:
+    corpus: str
+    seed: int
+    train: np.ndarray  # rows of Data
+    test: np.ndarray
+
+    def positives(self, data: Data, part: str = "train") -> np.ndarray:
+        rows = self.train if part == "train" else self.test
+        return rows[data.positive[rows]]
+
+
+def load_data(partial: bool = False) -> Data:
+    """Features of the benchmark project's images; ``partial`` uses the ones embedded so far instead of embedding the rest."""
+    if partial:
+        from bench.datasets import DATA_ROOT, openclipart
+        from bgminer.project import Project
+
+        project = Project(DATA_ROOT / "openclipart-project")
+        by_path = {str(Path(it.path).resolve()): it for it in openclipart()}
+        truth = {row["id"]: by_path[row["path"]] for row in project.store.images() if row["path"] in by_path}
+    else:
+        project, truth = openclipart_project()
+    embedded = set(project.store.image_ids(embedded=True))
+    ids = np.array(sorted(i for i in truth if i in embedded), dtype=np.int64)
+    paths = [str(truth[int(i)].path) for i in ids]
+    data = Data(
+        paths=paths,
+        positive=np.array([truth[int(i)].category == RARE_CATEGORY for i in ids]),
+        pooled=project.features.read("pooled", ids),
+        logits=project.features.read("logits", ids),
+        maps=project.features.read("maps", ids),
+    )
+    data.row_of = {p: r for r, p in enumerate(paths)}
+    return data
+
+
+def make_split(data: Data, corpus: str, seed: int) -> Split:
+    """``subsample_positives`` (for the rarer corpora) then ``stratified_split``, both seeded."""
+    from bench.datasets import openclipart
+
+    items = [it for it in openclipart() if str(it.path) in data.row_of]
+    fraction = CORPORA[corpus]
+    if fraction is not None:
+        items = subsample_positives(items, RARE_CATEGORY, fraction, seed)
+    train_items, test_items = stratified_split(items, RARE_CATEGORY, seed)
+    rows = [np.array([data.row_of[str(it.path)] for it in part], dtype=np.int64) for part in (train_items, test_items)]
+    return Split(corpus, seed, *rows)
+
+
+# -- scorers ------------------------------------------------------------------------------------
+
+
+def knn_scores(data: Data, positives: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Max cosine to any labeled positive, on pretrained pooled features."""
+    return (normalize(data.pooled[rows]) @ normalize(data.pooled[positives]).T).max(axis=1)
+
+
+@dataclass
+class Probe:
+    """A linear scorer ``x @ w + b`` on raw pooled features."""
+
+    w: np.ndarray
+    b: float
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return x @ self.w + self.b
+
+
+def logistic_probe(x: np.ndarray, y: np.ndarray, c: float = 1.0) -> Probe:
+    """L2-regularised logistic regression on standardised features (sklearn's objective, C=``c``), by L-BFGS."""
+    mean, std = x.mean(axis=0), x.std(axis=0) + 1e-6
+    xt = torch.from_numpy((x - mean) / std).double()
+    yt = torch.from_numpy(y.astype(np.float64))
+    w = torch.zeros(x.shape[1] + 1, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w], lr=1.0, max_iter=300, tolerance_grad=1e-6, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = F.binary_cross_entropy_with_logits(xt @ w[:-1] + w[-1], yt, reduction="sum") + 0.5 / c * (w[:-1] ** 2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    weights = w.detach().numpy()
+    scaled = weights[:-1] / std
+    return Probe(w=scaled.astype(np.float32), b=float(weights[-1] - mean @ scaled))
+
+
+@dataclass
+class Trainer:
+    """Trains background-splitting models with a TrainConfig built from defaults + overrides."""
+
+    overrides: dict[str, object]
+    backbone: object = field(default_factory=load_backbone)
+
+    def config(self, mode: str, seed: int, **extra: object) -> TrainConfig:
+        names = {f.name for f in fields(TrainConfig)}
+        kw = {k: v for k, v in {**self.overrides, **extra}.items() if k in names - {"mode", "seed", "device"}}
+        return TrainConfig(mode=mode, seed=seed, device="cpu", **kw)
+
+    def fresh(self, mode: str, config: TrainConfig):
+        hidden = int(self.overrides.get("adapter_hidden", DEFAULT_ADAPTER_HIDDEN))
+        return build_model(mode, self.backbone, [RARE_CATEGORY], config.fixed_background_logit, adapter_hidden=hidden)
+
+    def fit(self, data: Data, mode: str, labels: dict[int, str], candidates: np.ndarray, config: TrainConfig, model=None):
+        inputs = data.inputs(mode)
+        ts = build_training_set(inputs, {0: labels}, candidates, data.logits, config)
+        return train(model if model is not None else self.fresh(mode, config), ts, config).model
+
+    def scores(self, data: Data, model, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        embeddings, probs = score(model, data.inputs(model.mode), rows, device="cpu")
+        return embeddings, probs[:, 0]
+
+
+# -- protocol A ---------------------------------------------------------------------------------
+
+
+def k_values(n_train_positives: int, ks: tuple[int | None, ...]) -> list[int]:
+    """Distinct k to run: each requested k, capped at the split's positives (so "all" is listed once)."""
+    out: list[int] = []
+    for k in ks:
+        value = n_train_positives if k is None or k >= n_train_positives else k
+        if value not in out:
+            out.append(value)
+    return out
+
+
+def protocol_a(
+    data: Data, split: Split, trainer: Trainer, modes: tuple[str, ...], ks: tuple[int | None, ...], methods: tuple[str, ...] = METHODS
+) -> list[dict]:
+    """One row per (k, method): test AP of each method on this split."""
+    positives = split.positives(data)
+    y_test = data.positive[split.test]
+    rng = np.random.default_rng(split.seed)
+    shuffled = rng.permutation(positives)
+    out = []
+    for k in k_values(len(positives), ks):
+        chosen = np.sort(shuffled[:k])
+        label = "all" if k == len(positives) else str(k)
+        y_train = np.isin(split.train, chosen)
+        rows = {}
+        if "knn" in methods:
+            rows["knn"] = knn_scores(data, chosen, split.test)
+        if "lr" in methods:
+            rows["lr"] = logistic_probe(data.pooled[split.train], y_train)(data.pooled[split.test])
+        labels = {int(r): ("positive" if p else "negative") for r, p in zip(split.train, y_train)}
+        for mode in modes:
+            for method, aux in (("ft", {"aux_weight": 0.0}), ("bs", {})):
+                if method not in methods:
+                    continue
+                start = time.perf_counter()
+                config = trainer.config(mode, split.seed, **aux)
+                model = trainer.fit(data, mode, labels, split.train, config)
+                rows[f"{mode}-{method}"] = trainer.scores(data, model, split.test)[1]
+                rows[f"{mode}-{method}-seconds"] = time.perf_counter() - start
+        for method, s in rows.items():
+            if not method.endswith("-seconds"):
+                out.append({"corpus": split.corpus, "seed": split.seed, "k": label, "k_value": k, "method": method,
+                            "ap": average_precision(y_test, s), "seconds": rows.get(f"{method}-seconds")})
+    return out
+
+
+# -- protocol B ---------------------------------------------------------------------------------
+
+
+def seed_positive_count(n_positives: int) -> int:
+    return min(SEED_POSITIVES, max(1, n_positives // 2))
+
+
+def run_loop(
+    data: Data, split: Split, learner: str, strategy_name: str, trainer: Trainer, rounds: int, per_round: int,
+    estimate: bool = False,
+) -> dict:
+    """One review loop on the training split. ``learner``: "bs" (default model), "lr", or "none" (no model)."""
+    rows = split.train
+    truth = data.positive[rows]
+    positives = rows[truth]
+    rng = np.random.default_rng(split.seed)
+    labels: dict[int, str] = {int(r): "positive" for r in rng.choice(positives, seed_positive_count(len(positives)), replace=False)}
+    n_seeds = len(labels)
+    strategy = make_strategy(strategy_name)
+    reviewed: list[bool] = []
+    estimates = []
+    model = None
+    is_pos = dict(zip(rows.tolist(), truth.tolist()))
+    start = time.perf_counter()
+    for r in range(rounds):
+        scores, embeddings = None, data.pooled[rows]
+        if learner == "bs":
+            config = trainer.config(str(trainer.overrides.get("mode", TrainConfig().mode)), split.seed + r)
+            model = trainer.fit(data, config.mode, labels, rows, config, model)
+            embeddings, scores = trainer.scores(data, model, rows)
+        elif learner == "lr":
+            y = np.array([labels.get(int(i)) == "positive" for i in rows])
+            scores = logistic_probe(data.pooled[rows], y)(data.pooled[rows])
+        if estimate and scores is not None and len(reviewed) in ESTIMATE_AT:
+            estimates.extend(check_estimator(rows, scores, labels, is_pos, split.seed, len(reviewed)))
+        ctx = RankContext(
+            ids=rows, scores=scores, embeddings=embeddings,
+            positive_ids=[i for i, v in labels.items() if v == "positive"],
+            negative_ids=[i for i, v in labels.items() if v == "negative"],
+            seed=split.seed * 1000 + r,
+        )
+        for i in strategy.query(ctx, per_round).tolist():
+            labels[i] = "positive" if is_pos[i] else "negative"
+            reviewed.append(is_pos[i])
+    curve = discovery_curve(reviewed)
+    hidden = len(positives) - n_seeds
+    found = {n: int(curve[min(n, len(curve)) - 1]) if len(curve) else 0 for n in CHECKPOINTS if n <= rounds * per_round}
+    return {
+        "corpus": split.corpus, "seed": split.seed, "loop": f"{learner}:{strategy_name}",
+        "train_positives": len(positives), "seed_positives": n_seeds, "hidden": hidden,
+        "found": found, "recall": {n: f / hidden if hidden else float("nan") for n, f in found.items()},
+        "seconds": time.perf_counter() - start, "estimates": estimates,
+    }
+
+
+def check_estimator(rows: np.ndarray, scores: np.ndarray, labels: dict[int, str], is_pos: dict[int, bool], seed: int, reviews: int) -> list[dict]:
+    """Several validation samples from the current scores; does the 95% interval cover the true positives left?"""
+    unreviewed = ~np.isin(rows, np.fromiter(labels, dtype=np.int64, count=len(labels)))
+    pool, pool_scores = rows[unreviewed], scores[unreviewed]
+    true_left = sum(is_pos[int(i)] for i in pool)
+    found = sum(v == "positive" for v in labels.values())
+    out = []
+    for draw in range(ESTIMATE_DRAWS):
+        positions, pi = draw_validation_sample(pool_scores, VALIDATION_SIZE, np.random.default_rng([seed, reviews, draw]))
+        y = [is_pos[int(i)] for i in pool[positions]]
+        est = estimate_remaining(pool[positions], y, pi, len(pool), found=found)
+        out.append({"reviews": reviews, "true": true_left, "estimate": est.remaining, "low": est.low, "high": est.high,
+                    "covered": bool(est.low <= true_left <= est.high), "sample": est.sample_size})
+    return out
+
+
+# -- summaries ----------------------------------------------------------------------------------
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    a = np.asarray(values, dtype=float)
+    return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
+
+
+def summarize_a(rows: list[dict]) -> dict:
+    settings = list(dict.fromkeys((r["corpus"], r["k"]) for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    table = {}
+    for corpus, k in settings:
+        cell = {}
+        for m in methods:
+            ap = [r["ap"] for r in rows if (r["corpus"], r["k"], r["method"]) == (corpus, k, m)]
+            secs = [r["seconds"] for r in rows if (r["corpus"], r["k"], r["method"]) == (corpus, k, m) and r["seconds"] is not None]
+            if ap:
+                mu, sd = mean_std(ap)
+                cell[m] = {"mean": mu, "std": sd, "n": len(ap), "seconds": float(np.mean(secs)) if secs else None}
+        table[f"{corpus} k={k}"] = cell
+
+    def paired(a: str, b: str) -> dict | None:
+        diffs_by_setting = {}
+        for corpus, k in settings:
+            by_seed = {r["seed"]: r["ap"] for r in rows if (r["corpus"], r["k"], r["method"]) == (corpus, k, a)}
+            other = {r["seed"]: r["ap"] for r in rows if (r["corpus"], r["k"], r["method"]) == (corpus, k, b)}
+            d = [by_seed[s] - other[s] for s in by_seed if s in other]
+            if d:
+                diffs_by_setting[f"{corpus} k={k}"] = d
+        if not diffs_by_setting:
+            return None
+        every = [x for d in diffs_by_setting.values() for x in d]
+        mu, sd = mean_std(every)
+        return {
+            "mean": mu, "std": sd, "n": len(every), "sem": sd / math.sqrt(len(every)),
+            "wins": sum(x > 0 for x in every),
+            "per_setting": {s: dict(zip(("mean", "std"), mean_std(d))) for s, d in diffs_by_setting.items()},
+        }
+
+    mode_names = sorted({m.rsplit("-", 1)[0] for m in methods if m.endswith(("-bs", "-ft"))})
+    diffs = {f"{mode}: bs - ft": paired(f"{mode}-bs", f"{mode}-ft") for mode in mode_names}
+    diffs.update({f"{mode}-bs - lr": paired(f"{mode}-bs", "lr") for mode in mode_names})
+    return {"table": table, "paired": {k: v for k, v in diffs.items() if v is not None}}
+
+
+def summarize_b(rows: list[dict]) -> dict:
+    out: dict = {}
+    for r in rows:
+        cell = out.setdefault(r["corpus"], {}).setdefault(r["loop"], {"found": {}, "recall": {}, "seconds": []})
+        for n, f in r["found"].items():
+            cell["found"].setdefault(n, []).append(f)
+            cell["recall"].setdefault(n, []).append(r["recall"][n])
+        cell["seconds"].append(r["seconds"])
+        cell["hidden"] = r["hidden"]
+    for loops in out.values():
+        for cell in loops.values():
+            cell["found"] = {n: dict(zip(("mean", "std"), mean_std(v))) for n, v in cell["found"].items()}
+            cell["recall"] = {n: dict(zip(("mean", "std"), mean_std(v))) for n, v in cell["recall"].items()}
+            cell["seconds"] = float(np.mean(cell["seconds"]))
+    return out
+
+
+def summarize_estimates(rows: list[dict]) -> dict:
+    out: dict = {}
+    for r in rows:
+        for e in r["estimates"]:
+            out.setdefault(r["corpus"], {}).setdefault(e["reviews"], []).append(e)
+    return {
+        corpus: {
+            reviews: {
+                "coverage": float(np.mean([e["covered"] for e in es])),
+                "draws": len(es),
+                "true_left_mean": float(np.mean([e["true"] for e in es])),
+                "estimate_mean": float(np.mean([e["estimate"] for e in es])),
+                "width_mean": float(np.mean([e["high"] - e["low"] for e in es])),
+                "sample_mean": float(np.mean([e["sample"] for e in es])),
+            }
+            for reviews, es in by_reviews.items()
+        }
+        for corpus, by_reviews in out.items()
+    }
+
+
+def print_tables(result: dict) -> None:
+    if "A" in result:
+        table = result["A"]["table"]
+        methods = list(dict.fromkeys(m for cell in table.values() for m in cell))
+        print("\nProtocol A: test AP, mean ± std over seeds")
+        print(f"{'setting':<15}" + "".join(f"{m:>17}" for m in methods))
+        for setting, cell in table.items():
+            print(f"{setting:<15}" + "".join(f"{cell[m]['mean']:>10.3f}±{cell[m]['std']:.3f}" if m in cell else f"{'':>17}" for m in methods))
+        print("\nPaired differences (AP points x100, mean ± std over settings x seeds; wins/n):")
+        for name, d in result["A"]["paired"].items():
+            per = "  ".join(f"{s}: {100 * v['mean']:+.1f}" for s, v in d["per_setting"].items())
+            print(f"  {name:<22} {100 * d['mean']:+.1f} ± {100 * d['std']:.1f} (sem {100 * d['sem']:.1f}; {d['wins']}/{d['n']})   {per}")
+    if "B" in result:
+        print("\nProtocol B: positives found in review after 100/200/300 reviews (mean over seeds); recall of hidden positives at the end")
+        for corpus, loops in result["B"].items():
+            hidden = next(iter(loops.values()))["hidden"]
+            print(f"  {corpus} (hidden positives in the training split: {hidden})")
+            for loop, cell in loops.items():
+                found = " / ".join(f"{cell['found'][n]['mean']:6.1f}" for n in cell["found"])
+                last = max(cell["recall"])
+                print(f"    {loop:<22} {found}   recall@{last} {cell['recall'][last]['mean']:.2f} ± {cell['recall'][last]['std']:.2f}   {cell['seconds']:.0f} s/loop")
+    if "estimator" in result:
+        print("\nRemaining-positives estimator (default loop): 95% interval coverage of the true count")
+        for corpus, by_reviews in result["estimator"].items():
+            for reviews, e in by_reviews.items():
+                print(f"  {corpus:<5} after {reviews} reviews: coverage {e['coverage']:.2f} over {e['draws']} draws; "
+                      f"true left {e['true_left_mean']:.1f}, estimate {e['estimate_mean']:.1f}, interval width {e['width_mean']:.1f}")
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for pair in pairs:
+        key, _, raw = pair.partition("=")
+        value: object
+        if raw in ("None", "none"):
+            value = None
+        elif raw in ("True", "False"):
+            value = raw == "True"
+        else:
+            try:
+                value = int(raw)
+            except ValueError:
+                try:
+                    value = float(raw)
+                except ValueError:
+                    value = raw
+        out[key] = value
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="2 seeds, adapter mode, fewer loops")
+    parser.add_argument("--seeds", type=int, help="number of seeds (default 5; 2 with --quick)")
+    parser.add_argument("--first-seed", type=int, default=0)
+    parser.add_argument("--corpora", nargs="+", choices=list(CORPORA), default=list(CORPORA))
+    parser.add_argument("--protocols", nargs="+", choices=["A", "B"], default=["A", "B"])
+    parser.add_argument("--modes", nargs="+", choices=MODES, help="protocol A training modes (default both; adapter with --quick)")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="protocol A methods")
+    parser.add_argument("--ks", nargs="+", default=None, help="protocol A k values; 'all' for every positive")
+    parser.add_argument("--strategies", nargs="+", default=None, help=f"protocol B strategies (default {' '.join(STRATEGY_NAMES)})")
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--per-round", type=int, default=20)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="TrainConfig field override")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    parser.add_argument("--partial", action="store_true", help="use the images embedded so far (never starts embedding)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    n_seeds = args.seeds or (2 if args.quick else 5)
+    modes = tuple(args.modes or (("adapter",) if args.quick else MODES))
+    ks = tuple(None if k == "all" else int(k) for k in args.ks) if args.ks else ((20, None) if args.quick else KS)
+    strategies = tuple(args.strategies or (("most-likely",) if args.quick else STRATEGY_NAMES))
+    trainer = Trainer(parse_overrides(args.overrides))
+
+    started = time.perf_counter()
+    data = load_data(args.partial)
+    result: dict = {
+        "benchmark": "quality", "images": len(data.paths), "positives": int(data.positive.sum()),
+        "seeds": list(range(args.first_seed, args.first_seed + n_seeds)), "overrides": trainer.overrides,
+        "default_config": {f.name: getattr(TrainConfig(), f.name) for f in fields(TrainConfig)},
+        "threads": args.threads,
+    }
+    rows_a: list[dict] = []
+    rows_b: list[dict] = []
+    timings: dict[str, float] = {"load": time.perf_counter() - started}
+    for corpus in args.corpora:
+        for seed in result["seeds"]:
+            split = make_split(data, corpus, seed)
+            if "A" in args.protocols:
+                t = time.perf_counter()
+                rows_a.extend(protocol_a(data, split, trainer, modes, ks, tuple(args.methods)))
+                timings["A"] = timings.get("A", 0.0) + time.perf_counter() - t
+            if "B" in args.protocols:
+                t = time.perf_counter()
+                loops = [("bs", s) for s in strategies] + [("none", "random"), ("lr", "most-likely"), ("none", "near-positives")]
+                for learner, name in loops:
+                    estimate = learner == "bs" and name == "most-likely"
+                    rows_b.append(run_loop(data, split, learner, name, trainer, args.rounds, args.per_round, estimate))
+                timings["B"] = timings.get("B", 0.0) + time.perf_counter() - t
+            print(f"[{time.perf_counter() - started:6.0f} s] {corpus} seed {seed} done", file=sys.stderr, flush=True)
+    if rows_a:
+        result["A"] = summarize_a(rows_a)
+    if rows_b:
+        result["B"] = summarize_b(rows_b)
+        result["estimator"] = summarize_estimates(rows_b)
+    timings["total"] = time.perf_counter() - started
+    result["seconds"] = timings
+    if args.json:
+        result["raw"] = {"A": rows_a, "B": [{k: v for k, v in r.items() if k != "estimates"} for r in rows_b]}
+        print(json.dumps(result, default=float))
+        return
+    print(f"quality benchmark: {result['images']} images, {result['positives']} {RARE_CATEGORY}, seeds {result['seeds']}, "
+          f"overrides {trainer.overrides or 'none'}")
+    print_tables(result)
+    print("\nseconds: " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
+
+
+if __name__ == "__main__":
+    main()
