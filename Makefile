@@ -9,10 +9,10 @@ PORT ?= 8501
 
 .PHONY: install app demo test bench-embed lint system-deps
 
-$(VENV)/.installed: requirements.txt pyproject.toml
+$(VENV)/.installed: requirements.txt requirements-ray.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q -r requirements.txt -r requirements-ray.txt
 	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 

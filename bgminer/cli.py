@@ -55,7 +55,14 @@ def cmd_embed(args: argparse.Namespace) -> int:
     from .project import Project
 
     project = Project(args.project)
-    result = project.embed(device=args.device, batch_size=args.batch_size, progress=_print_progress)
+    if args.engine == "ray":
+        from .distributed import RayConfig, embed_on_ray
+
+        config = RayConfig(address=args.address, batch_size=args.batch_size, device=args.device)
+        result = embed_on_ray(project.store, project.features, project.backbone_name, project.backbone_weights, config,
+                              progress=_print_progress, cancel=CancelToken())
+    else:
+        result = project.embed(device=args.device, batch_size=args.batch_size, progress=_print_progress)
     summary = {"embedded": result.embedded, "failed": result.failed, "images_per_second": round(result.images_per_second, 1), "device": result.device}
     _emit(args, summary, lambda s: "\n".join(f"{k:>18}: {v}" for k, v in s.items()))
     return 0
@@ -196,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("project")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--engine", default="local", choices=["local", "ray"], help="ray: Ray Data actor pool, feature shards (pip install 'bgminer[ray]')")
+    p.add_argument("--address", default=None, help="Ray cluster to join (e.g. auto, ray://head:10001); default: start Ray on this machine")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_embed)
 

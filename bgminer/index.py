@@ -33,7 +33,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import struct
+import tempfile
+import threading
+import uuid
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -42,9 +47,11 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from .progress import CancelToken, ProgressFn, check, report
+from .progress import Cancelled, CancelToken, ProgressFn, check, report
 
 EXACT_MAX_FLOATS = 1 << 24
+IVF_MAX_FLOATS = 1 << 31  # ~1.68M vectors at 1280-d, whose float16 copy is 4 GB
+IVFPQ_MAX_NLIST = 4096
 MIN_POINTS_PER_LIST = 39
 TRAIN_POINTS_PER_LIST = 40
 CHUNK_ROWS = 32_768
@@ -97,7 +104,9 @@ def _pad_invalid(scores: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.nd
 
 def auto_kind(n: int, dim: int) -> str:
     """The backend :func:`build_index` picks for ``n`` vectors of ``dim`` dimensions."""
-    return "exact" if n * dim <= EXACT_MAX_FLOATS else "ivf"
+    if n * dim <= EXACT_MAX_FLOATS:
+        return "exact"
+    return "ivf" if n * dim <= IVF_MAX_FLOATS else "ivfpq"
 
 
 def nlist_for(n: int) -> int:
@@ -145,10 +154,18 @@ class VectorIndex(ABC):
             raise ValueError(f"expected vectors of shape ({new_ids.size}, {self.dim}), got {x.shape}")
         if np.unique(new_ids).size != new_ids.size:
             raise ValueError("ids passed to add() repeat")
-        present = new_ids[np.isin(new_ids, self.ids())]
+        present = new_ids[self._present(new_ids)]
         if present.size:
             raise ValueError(f"{present.size} ids are already in the index, e.g. {present[:5].tolist()}")
         self._add(x, new_ids)
+
+    def _present(self, ids: np.ndarray) -> np.ndarray:
+        """Which of ``ids`` are in the index (bool mask)."""
+        return np.isin(ids, self.ids())
+
+    def describe(self) -> str:
+        """The settings in a few words, for logs and benchmarks."""
+        return self.kind
 
     def remove(self, ids: Iterable[int] | np.ndarray) -> int:
         """Remove ids (unknown ids are ignored); returns how many were removed. Costs O(N)."""
@@ -187,6 +204,7 @@ class VectorIndex(ABC):
         """Write the index to one file atomically (temporary file, fsync, rename)."""
         path = Path(path)
         settings, parts = self._state()
+        settings.update(self._attach(path))
         header = json.dumps({"kind": self.kind, "dim": self.dim, **settings}).encode()
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         try:
@@ -194,11 +212,25 @@ class VectorIndex(ABC):
                 f.write(_MAGIC + struct.pack("<I", len(header)) + header)
                 for part in parts:
                     faiss.write_index(part, faiss.PyCallbackIOWriter(f.write))
+                for array in self._arrays():
+                    np.lib.format.write_array(f, array, allow_pickle=False)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
+        self._saved(path)
+
+    def _attach(self, path: Path) -> dict:
+        """Before :meth:`save` writes ``path``: put side files in place; returns extra header settings."""
+        return {}
+
+    def _arrays(self) -> list[np.ndarray]:
+        """Arrays written after the faiss indexes, for :meth:`save`."""
+        return []
+
+    def _saved(self, path: Path) -> None:
+        """After :meth:`save` replaced ``path``: drop side files no saved index refers to."""
 
     @staticmethod
     def load(path: str | Path) -> VectorIndex:
@@ -218,6 +250,20 @@ class VectorIndex(ABC):
                 store = faiss.read_index(reader)
                 config = IVFConfig(**header["config"])
                 return IVFIndex(dim, config, probe, store, nprobe=header["nprobe"], tuned_recall=header["tuned_recall"])
+            if kind == "ivfpq":
+                probe = faiss.read_index(reader)
+                codec = faiss.read_index(reader)
+                row_ids = np.lib.format.read_array(f, allow_pickle=False)
+                return IVFPQIndex(
+                    dim,
+                    IVFPQConfig(**header["config"]),
+                    probe,
+                    codec,
+                    row_ids,
+                    Path(path).parent / header["codes_file"],
+                    nprobe=header["nprobe"],
+                    tuned_recall=header["tuned_recall"],
+                )
         raise ValueError(f"unknown index kind {kind!r} in {path}")
 
 
@@ -254,6 +300,40 @@ class ExactIndex(VectorIndex):
         return {}, [self._index]
 
 
+class _NprobeTuning:
+    """``tune()`` for the IVF backends: the smallest nprobe that reaches ``config.target_recall``."""
+
+    nprobe: int | None
+    tuned_recall: float | None
+    config: IVFConfig | IVFPQConfig
+
+    def tune(self, queries: np.ndarray, true_ids: np.ndarray, exclude_ids: np.ndarray | None = None) -> float:
+        """Set nprobe to the smallest value whose recall@k on ``queries`` reaches the target; returns that recall.
+
+        Doubles nprobe until the target is reached, then bisects between the last two values.
+        ``true_ids`` [Q, k] are the exact neighbours (``exclude_ids`` left out of both searches).
+        When even nprobe = nlist misses the target, nprobe = nlist and the shortfall shows in the result.
+        """
+
+        def recall(nprobe: int) -> float:
+            self.nprobe = nprobe
+            return recall_at_k(self.search(queries, true_ids.shape[1], exclude_ids)[1], true_ids)
+
+        target = self.config.target_recall
+        low, high = 0, 1  # recall(low) < target (0 stands for "nothing probed")
+        while (achieved := recall(high)) < target and high < self.nlist:
+            low, high = high, min(2 * high, self.nlist)
+        if achieved >= target:
+            while high - low > max(1, high // 8):  # bisect to within 1/8 of nprobe
+                mid = (low + high) // 2
+                if (mid_recall := recall(mid)) >= target:
+                    high, achieved = mid, mid_recall
+                else:
+                    low = mid
+        self.nprobe, self.tuned_recall = high, achieved
+        return achieved
+
+
 @dataclass
 class IVFConfig:
     """Settings of :class:`IVFIndex`; None means "derive from the data" (rules in the module docstring)."""
@@ -268,7 +348,7 @@ class IVFConfig:
     seed: int = 0
 
 
-class IVFIndex(VectorIndex):
+class IVFIndex(_NprobeTuning, VectorIndex):
     """PCA + IVF-Flat probe stage, exact rerank from float16 full vectors (see module docstring)."""
 
     kind = "ivf"
@@ -362,47 +442,259 @@ class IVFIndex(VectorIndex):
 
     def _rerank(self, queries: np.ndarray, cand: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Exact scores of the candidate ids from the float16 store; top-k per query, padded to k."""
-        valid = cand >= 0
-        sims = np.full(cand.shape, -np.inf, np.float32)
-        sims[valid] = np.einsum("nd,nd->n", self._store.reconstruct_batch(cand[valid]), queries[np.nonzero(valid)[0]])
-        if sims.shape[1] < k:
-            sims = np.pad(sims, ((0, 0), (0, k - sims.shape[1])), constant_values=-np.inf)
-            cand = np.pad(cand, ((0, 0), (0, k - cand.shape[1])), constant_values=-1)
-        top = np.argsort(-sims, axis=1, kind="stable")[:, :k]
-        scores = np.take_along_axis(sims, top, axis=1)
-        return _pad_invalid(scores, np.where(np.isfinite(scores), np.take_along_axis(cand, top, axis=1), -1))
+        return _rerank(queries, cand, k, self._store.reconstruct_batch)
 
-    def tune(self, queries: np.ndarray, true_ids: np.ndarray, exclude_ids: np.ndarray | None = None) -> float:
-        """Set nprobe to the smallest value whose recall@k on ``queries`` reaches the target; returns that recall.
-
-        Doubles nprobe until the target is reached, then bisects between the last two values.
-        ``true_ids`` [Q, k] are the exact neighbours (``exclude_ids`` left out of both searches).
-        When even nprobe = nlist misses the target, nprobe = nlist and the shortfall shows in the result.
-        """
-
-        def recall(nprobe: int) -> float:
-            self.nprobe = nprobe
-            return recall_at_k(self.search(queries, true_ids.shape[1], exclude_ids)[1], true_ids)
-
-        target = self.config.target_recall
-        low, high = 0, 1  # recall(low) < target (0 stands for "nothing probed")
-        while (achieved := recall(high)) < target and high < self.nlist:
-            low, high = high, min(2 * high, self.nlist)
-        if achieved >= target:
-            while high - low > max(1, high // 8):  # bisect to within 1/8 of nprobe
-                mid = (low + high) // 2
-                if (mid_recall := recall(mid)) >= target:
-                    high, achieved = mid, mid_recall
-                else:
-                    low = mid
-        self.nprobe, self.tuned_recall = high, achieved
-        return achieved
+    def describe(self) -> str:
+        reduce = f"PCA{self.config.reduce_dim} " if self.config.reduce_dim and self.config.reduce_dim < self.dim else ""
+        return f"{reduce}IVF{self.nlist},Flat -> float16 rerank {self.config.rerank_candidates}, nprobe {self.nprobe}"
 
     def _state(self) -> tuple[dict, list[faiss.Index]]:
         return {"config": asdict(self.config), "nprobe": self.nprobe, "tuned_recall": self.tuned_recall}, [
             self._probe,
             self._store,
         ]
+
+
+@dataclass
+class IVFPQConfig:
+    """Settings of :class:`IVFPQIndex`; None means "derive from the data" (rules in the module docstring)."""
+
+    nlist: int | None = None  # default min(4*sqrt(N), N/39, IVFPQ_MAX_NLIST)
+    nprobe: int | None = None
+    reduce_dim: int = 128  # PCA dimensions of the probe stage
+    pq_bytes: int = 32  # bytes per vector in the probe stage's product quantizer (8 bits per sub-quantizer)
+    rerank_candidates: int = 256  # probe-stage results re-scored from the on-disk codes (at least 2k)
+    rerank_codec: str = "SQ8"  # faiss factory string of the on-disk code of full vectors used to re-score
+    target_recall: float = 0.96
+    tuning_queries: int = 200
+    kmeans_iterations: int = 10
+    train_max: int = 1 << 18  # largest training sample (coarse k-means, PQ and the rerank codec)
+    scratch_dir: str | None = None  # where the codes file lives until save() (default: the system temp folder)
+    seed: int = 0
+
+
+class IVFPQIndex(_NprobeTuning, VectorIndex):
+    """PCA + IVF-PQ probe stage in RAM; re-scoring from compact full-vector codes in a memory-mapped file.
+
+    Inside, the probe stage and the codes file are keyed by *row* (insertion order); ``row_ids``
+    maps rows to the caller's ids (-1 once removed).
+    """
+
+    kind = "ivfpq"
+
+    def __init__(
+        self,
+        dim: int,
+        config: IVFPQConfig | None = None,
+        probe: faiss.Index | None = None,
+        codec: faiss.Index | None = None,
+        row_ids: np.ndarray | None = None,
+        codes_path: Path | None = None,
+        nprobe: int | None = None,
+        tuned_recall: float | None = None,
+    ):
+        super().__init__(dim)
+        self.config = config or IVFPQConfig()
+        self._probe = probe  # IndexPreTransform(PCA, IndexIVFPQ); set by train()
+        self._codec = codec  # standalone faiss codec (sa_encode / sa_decode) of the full vectors
+        self._row_ids = np.zeros(0, np.int64) if row_ids is None else np.asarray(row_ids, np.int64)
+        self._codes_path = codes_path
+        self._codes: np.ndarray | None = None  # memory map of the codes file, reopened after add()
+        self._sorted: tuple[np.ndarray, np.ndarray] | None = None  # (sorted ids, their rows), rebuilt lazily
+        self._scratch: weakref.finalize | None = None  # deletes an unsaved codes file
+        self.nprobe = nprobe if nprobe is not None else self.config.nprobe
+        self.tuned_recall = tuned_recall
+
+    @property
+    def is_trained(self) -> bool:
+        return self._probe is not None
+
+    @property
+    def nlist(self) -> int:
+        return self._ivf().nlist
+
+    def _ivf(self) -> faiss.IndexIVF:
+        if self._probe is None:
+            raise RuntimeError("IVFPQIndex is not trained yet")
+        return faiss.extract_index_ivf(self._probe)
+
+    def train_size(self, expected_size: int) -> int:
+        """How many sample vectors :meth:`train` wants for a corpus of ``expected_size``."""
+        nlist = self.config.nlist or min(nlist_for(expected_size), IVFPQ_MAX_NLIST)
+        return min(expected_size, max(TRAIN_POINTS_PER_LIST * nlist, 1 << 16), self.config.train_max)
+
+    def train(self, sample: np.ndarray, expected_size: int) -> None:
+        """Fit PCA, the coarse quantizer, the product quantizer and the rerank codec on ``sample``."""
+        x = normalize(sample)
+        if len(x) < 256:
+            raise ValueError("an IVF-PQ index trains 256 centroids per sub-quantizer: give it at least 256 vectors")
+        cfg = self.config
+        if cfg.reduce_dim % cfg.pq_bytes:
+            raise ValueError(f"pq_bytes ({cfg.pq_bytes}) must divide reduce_dim ({cfg.reduce_dim})")
+        nlist = min(cfg.nlist or min(nlist_for(expected_size), IVFPQ_MAX_NLIST), len(x))
+        ivf = faiss.IndexIVFPQ(faiss.IndexFlatL2(cfg.reduce_dim), cfg.reduce_dim, nlist, cfg.pq_bytes, 8)
+        ivf.cp.niter = cfg.kmeans_iterations
+        ivf.cp.seed = cfg.seed
+        ivf.cp.min_points_per_centroid = 1
+        ivf.cp.max_points_per_centroid = 1 << 30
+        ivf.pq.cp.min_points_per_centroid = 1  # a small corpus trains its 256 codes per sub-quantizer on fewer points
+        pca = faiss.PCAMatrix(self.dim, cfg.reduce_dim)
+        pca.train(x[:PCA_TRAIN_MAX])
+        probe = faiss.IndexPreTransform(pca, ivf)
+        probe.train(x)
+        codec = faiss.index_factory(self.dim, cfg.rerank_codec)
+        codec.train(x)
+        if cfg.scratch_dir is not None:
+            Path(cfg.scratch_dir).mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix="bgminer-ivfpq-", suffix=".codes", dir=cfg.scratch_dir)
+        os.close(fd)
+        self._probe, self._codec, self._codes_path, self._codes = probe, codec, Path(name), None
+        self._row_ids, self._sorted = np.zeros(0, np.int64), None
+        self._scratch = weakref.finalize(self, os.unlink, name)
+        if self.nprobe is None:
+            self.nprobe = max(1, nlist // 16)
+
+    @property
+    def code_size(self) -> int:
+        return int(self._codec.sa_code_size())
+
+    def __len__(self) -> int:
+        return 0 if self._probe is None else int(self._probe.ntotal)
+
+    def ids(self) -> np.ndarray:
+        return self._row_ids[self._row_ids >= 0]
+
+    def _rows_of(self, ids: np.ndarray) -> np.ndarray:
+        """Rows of ``ids`` (-1 where absent), by binary search over the sorted ids."""
+        if self._sorted is None:
+            order = np.argsort(self._row_ids, kind="stable")
+            self._sorted = self._row_ids[order], order
+        sorted_ids, order = self._sorted
+        pos = np.minimum(np.searchsorted(sorted_ids, ids), max(len(sorted_ids) - 1, 0))
+        found = (len(sorted_ids) > 0) & (sorted_ids[pos] == ids) if len(sorted_ids) else np.zeros(len(ids), bool)
+        return np.where(found & (ids >= 0), order[pos] if len(order) else -1, -1)
+
+    def _present(self, ids: np.ndarray) -> np.ndarray:
+        return self._rows_of(ids) >= 0
+
+    def _codes_view(self) -> np.ndarray:
+        if self._codes is None or len(self._codes) != len(self._row_ids):
+            self._codes = np.memmap(self._codes_path, np.uint8, "r", shape=(len(self._row_ids), self.code_size))
+        return self._codes
+
+    def _add(self, vectors: np.ndarray, ids: np.ndarray) -> None:
+        self._ivf()  # raises if untrained
+        first = len(self._row_ids)
+        with open(self._codes_path, "r+b") as f:  # at the row's offset: bytes an unsaved session appended are overwritten
+            f.seek(first * self.code_size)
+            f.write(self._codec.sa_encode(vectors).tobytes())
+        self._probe.add_with_ids(vectors, np.arange(first, first + len(ids), dtype=np.int64))
+        if self._sorted is not None and len(ids) and (not len(self._sorted[0]) or ids.min() > self._sorted[0][-1]) and (np.diff(ids) > 0).all():
+            self._sorted = np.concatenate([self._sorted[0], ids]), np.concatenate([self._sorted[1], np.arange(first, first + len(ids))])
+        else:
+            self._sorted = None
+        self._row_ids = np.concatenate([self._row_ids, ids])
+        self._codes = None
+
+    def _remove(self, ids: np.ndarray) -> int:
+        rows = self._rows_of(ids)
+        rows = rows[rows >= 0]
+        if rows.size == 0:
+            return 0
+        removed = int(self._probe.remove_ids(faiss.IDSelectorBatch(rows)))
+        self._row_ids[rows] = -1
+        self._sorted = None
+        return removed
+
+    def _decode(self, rows: np.ndarray) -> np.ndarray:
+        """Full vectors of ``rows`` from the codes file (read in file order)."""
+        unique, inverse = np.unique(rows, return_inverse=True)
+        return self._codec.sa_decode(np.ascontiguousarray(self._codes_view()[unique]))[inverse]
+
+    def _vectors(self, ids: np.ndarray) -> np.ndarray:
+        rows = self._rows_of(ids)
+        if (rows < 0).any():
+            raise RuntimeError("unknown ids")
+        return self._decode(rows)
+
+    def search(
+        self, queries: np.ndarray, k: int, exclude_ids: Iterable[int] | np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        rows = None
+        if exclude_ids is not None:
+            rows = self._rows_of(_as_ids(exclude_ids))
+            rows = rows[rows >= 0]
+        return super().search(queries, k, rows)  # the probe stage is keyed by row
+
+    def _search(self, queries: np.ndarray, k: int, sel: faiss.IDSelector | None) -> tuple[np.ndarray, np.ndarray]:
+        n_cand = min(len(self), max(self.config.rerank_candidates, 2 * k))
+        params = faiss.SearchParametersIVF(nprobe=min(self.nprobe, self.nlist))
+        if sel is not None:
+            params.sel = sel
+        _, cand = self._probe.search(queries, n_cand, params=params)
+        step = max(1, (1 << 24) // (n_cand * self.dim))
+        parts = [_rerank(queries[s : s + step], cand[s : s + step], k, self._decode) for s in range(0, len(queries), step)]
+        scores, rows = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+        return scores, np.where(rows >= 0, self._row_ids[np.maximum(rows, 0)], -1)
+
+    def describe(self) -> str:
+        c = self.config
+        return f"PCA{c.reduce_dim},IVF{self.nlist},PQ{c.pq_bytes} -> {c.rerank_codec} rerank {c.rerank_candidates} (on disk), nprobe {self.nprobe}"
+
+    def memory_bytes(self) -> int:
+        """Bytes of the part held in RAM (probe stage, row ids); the codes file is on disk and memory-mapped."""
+        return int(faiss.serialize_index(self._probe).nbytes + self._row_ids.nbytes) if self._probe is not None else 0
+
+    def _state(self) -> tuple[dict, list[faiss.Index]]:
+        return {"config": asdict(self.config), "nprobe": self.nprobe, "tuned_recall": self.tuned_recall}, [self._probe, self._codec]
+
+    def _arrays(self) -> list[np.ndarray]:
+        return [self._row_ids]
+
+    def _attach(self, path: Path) -> dict:
+        """Keep the codes file beside ``path`` as ``<name>.<token>.codes``: moved from scratch, copied from
+        another index file, or left where it is when saving to the same place again."""
+        current = self._codes_path
+        if current.parent != path.parent or not current.name.startswith(f"{path.name}."):
+            target = path.with_name(f"{path.name}.{uuid.uuid4().hex[:12]}.codes")
+            if self._scratch is not None and self._scratch.alive:
+                shutil.move(current, target)
+                self._scratch.detach()
+            else:
+                shutil.copyfile(current, target)
+            self._codes_path, self._codes = target, None
+        with open(self._codes_path, "r+b") as f:
+            os.fsync(f.fileno())
+        return {"codes_file": self._codes_path.name, "rows": len(self._row_ids)}
+
+    def _saved(self, path: Path) -> None:
+        for stale in path.parent.glob(f"{path.name}.*.codes"):
+            if stale != self._codes_path:
+                stale.unlink(missing_ok=True)
+
+
+def make_index(kind: str, dim: int, config: IVFConfig | IVFPQConfig | None = None) -> VectorIndex:
+    """An empty index of ``kind`` ("exact", "ivf", "ivfpq"); ``config`` applies when it is that kind's config."""
+    if kind == "exact":
+        return ExactIndex(dim)
+    if kind == "ivf":
+        return IVFIndex(dim, config if isinstance(config, IVFConfig) else None)
+    if kind == "ivfpq":
+        return IVFPQIndex(dim, config if isinstance(config, IVFPQConfig) else None)
+    raise ValueError(f"unknown index kind {kind!r}; use 'exact', 'ivf', 'ivfpq' or 'auto'")
+
+
+def _rerank(queries: np.ndarray, cand: np.ndarray, k: int, vectors_of) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k of each query's candidates (-1 = none) by inner product with ``vectors_of(candidates)``, padded to k."""
+    valid = cand >= 0
+    sims = np.full(cand.shape, -np.inf, np.float32)
+    sims[valid] = np.einsum("nd,nd->n", vectors_of(cand[valid]), queries[np.nonzero(valid)[0]])
+    if sims.shape[1] < k:
+        sims = np.pad(sims, ((0, 0), (0, k - sims.shape[1])), constant_values=-np.inf)
+        cand = np.pad(cand, ((0, 0), (0, k - cand.shape[1])), constant_values=-1)
+    top = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+    scores = np.take_along_axis(sims, top, axis=1)
+    return _pad_invalid(scores, np.where(np.isfinite(scores), np.take_along_axis(cand, top, axis=1), -1))
 
 
 def recall_at_k(found_ids: np.ndarray, true_ids: np.ndarray) -> float:
@@ -459,13 +751,13 @@ def build_index(
     vectors: np.ndarray,
     ids: Iterable[int] | np.ndarray,
     kind: str = "auto",
-    config: IVFConfig | None = None,
+    config: IVFConfig | IVFPQConfig | None = None,
     progress: ProgressFn | None = None,
     cancel: CancelToken | None = None,
 ) -> VectorIndex:
     """Index ``vectors`` [N, D] (any float dtype, may be a memmap; read in chunks) under ``ids``.
 
-    ``kind``: "exact", "ivf" or "auto" (:func:`auto_kind`). An IVF index is trained on a random
+    ``kind``: "exact", "ivf", "ivfpq" or "auto" (:func:`auto_kind`). An IVF index is trained on a random
     sample, filled chunk by chunk, and its nprobe tuned against exact search on the same pass.
     """
     _use_threads()
@@ -474,16 +766,11 @@ def build_index(
     if len(ids) != n:
         raise ValueError(f"{n} vectors but {len(ids)} ids")
     kind = auto_kind(n, dim) if kind == "auto" else kind
-    if kind == "exact":
-        index: VectorIndex = ExactIndex(dim)
-    elif kind == "ivf":
-        if n == 0:
-            raise ValueError("an IVF index is trained on the vectors it indexes: none were given")
-        index = IVFIndex(dim, config)
-    else:
-        raise ValueError(f"unknown index kind {kind!r}; use 'exact', 'ivf' or 'auto'")
+    index = make_index(kind, dim, config)
+    if kind != "exact" and n == 0:
+        raise ValueError("an IVF index is trained on the vectors it indexes: none were given")
     tracker = None
-    if isinstance(index, IVFIndex):
+    if isinstance(index, (IVFIndex, IVFPQIndex)):
         rng = np.random.default_rng(index.config.seed)
         index.train(vectors[np.sort(rng.choice(n, index.train_size(n), replace=False))], expected_size=n)
         query_rows = np.sort(rng.choice(n, min(n, index.config.tuning_queries), replace=False))
@@ -500,3 +787,80 @@ def build_index(
     if tracker is not None:
         index.tune(tracker.queries, tracker.ids, tracker.exclude)
     return index
+
+
+class IndexBuilder:
+    """The index that serves searches now, and a replacement being built on a background thread.
+
+    ``rebuild`` starts building (e.g. for a new model version) and returns at once; searches keep
+    using :meth:`current` until the new index is complete (and saved, when a path is given), then it
+    is swapped in atomically. A second ``rebuild`` cancels the one in flight. A failed build leaves
+    the serving index in place and its error in :attr:`error`.
+    """
+
+    def __init__(self, index: VectorIndex | None = None, key: object = None):
+        self._lock = threading.Lock()
+        self._serving: tuple[object, VectorIndex | None] = (key, index)
+        self._thread: threading.Thread | None = None
+        self._cancel: CancelToken | None = None
+        self._building: object = None
+        self.error: BaseException | None = None
+
+    def current(self) -> tuple[object, VectorIndex | None]:
+        """(key, index) serving now; the pair always belongs together (one model version's index)."""
+        with self._lock:
+            return self._serving
+
+    @property
+    def building(self) -> object:
+        """Key of the index being built, or None."""
+        with self._lock:
+            return self._building
+
+    def rebuild(
+        self,
+        key: object,
+        vectors: np.ndarray,
+        ids: Iterable[int] | np.ndarray,
+        kind: str = "auto",
+        config: IVFConfig | IVFPQConfig | None = None,
+        path: str | Path | None = None,
+        progress: ProgressFn | None = None,
+    ) -> None:
+        """Build an index over ``vectors`` (a memmap is read in chunks) in the background, then swap it in."""
+        with self._lock:
+            if self._cancel is not None:
+                self._cancel.cancel()
+            cancel = self._cancel = CancelToken()
+            self._building = key
+            previous = self._thread
+
+        def work() -> None:
+            if previous is not None:
+                previous.join()
+            try:
+                index = build_index(vectors, ids, kind=kind, config=config, progress=progress, cancel=cancel)
+                if path is not None:
+                    Path(path).parent.mkdir(parents=True, exist_ok=True)
+                    index.save(path)
+            except Cancelled:
+                return
+            except Exception as exc:  # noqa: BLE001 (kept for the caller; the serving index stays)
+                with self._lock:
+                    if self._cancel is cancel:
+                        self.error, self._building, self._cancel = exc, None, None
+                return
+            with self._lock:
+                if self._cancel is cancel:
+                    self._serving, self._building, self._cancel, self.error = (key, index), None, None, None
+
+        self._thread = threading.Thread(target=work, name=f"index-build-{key}", daemon=True)
+        self._thread.start()
+
+    def wait(self, timeout: float | None = None) -> tuple[object, VectorIndex | None]:
+        """Block until the build in flight (if any) ends; returns :meth:`current`. Raises the build's error."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+        if self.error is not None:
+            raise self.error
+        return self.current()
