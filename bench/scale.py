@@ -1,6 +1,7 @@
 """Scale benchmark: Ray embedding overhead, and kNN search over 1M-10M vectors.
 
     .venv/bin/python bench/scale.py embed [--n 400] [--json]
+    .venv/bin/python bench/scale.py rescore [--n 200000] [--json]
     .venv/bin/python bench/scale.py index [--sizes 1000000 10000000] [--json]
 
 ``embed``: the same N clip-art PNGs (bench/datasets.py) embedded by the in-process pipeline
@@ -9,6 +10,9 @@ started with this machine's cores), alternating, each into a fresh store. Report
 images/s (Ray: actor start-up included, ``ray.init`` excluded and shown apart), steady-state
 images/s (first to last finished batch/shard), their ratios, and the largest difference between
 the two runs' features.
+
+``rescore``: adapter-mode re-scoring (bgminer.distributed.rescore_version) of N cached pooled
+features streamed from a memory-mapped file, in process and on Ray local mode: rows/s.
 
 ``index``: synthetic clustered vectors of the real dimensionality (bench/knn.py's generator:
 gaussian clusters in a 64-d subspace, a shared mean direction, isotropic noise), generated chunk
@@ -142,6 +146,43 @@ def print_embed(result: dict) -> None:
     print(f"max |ray - in-process|: pooled {result['max_abs_diff_pooled']:.2e}, logits {result['max_abs_diff_logits']:.2e}")
 
 
+# -- re-scoring --------------------------------------------------------------------------------
+def bench_rescore(n: int, chunk_rows: int, engines: list[str]) -> dict:
+    """Adapter-mode re-scoring of ``n`` cached pooled features (random, in a memory-mapped file), streamed."""
+    import torch
+
+    from bgminer.backbone import load_backbone
+    from bgminer.distributed import RayConfig, rescore_version
+    from bgminer.model import build_model
+
+    model = build_model("adapter", load_backbone(), ["rare"])
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        pooled = np.lib.format.open_memmap(Path(tmp) / "pooled.npy", mode="w+", dtype=np.float32, shape=(n + 1, model.embedding_dim))
+        rng = np.random.default_rng(0)
+        for start in range(1, n + 1, GEN_CHUNK):
+            rows = min(GEN_CHUNK, n + 1 - start)
+            pooled[start : start + rows] = rng.random((rows, model.embedding_dim), dtype=np.float32)
+        pooled.flush()
+        del pooled
+        pooled = np.load(Path(tmp) / "pooled.npy", mmap_mode="r")
+        ids = np.arange(1, n + 1, dtype=np.int64)
+        for engine in engines:
+            config = None
+            if engine == "ray":
+                import ray
+
+                ray.init(num_cpus=len(os.sched_getaffinity(0)), include_dashboard=False, log_to_driver=False)
+                config = RayConfig()
+            t0 = time.perf_counter()
+            rescore_version(model, pooled, ids, Path(tmp) / engine, 1, engine=engine, ray_config=config, chunk_rows=chunk_rows)
+            seconds = time.perf_counter() - t0
+            if engine == "ray":
+                ray.shutdown()
+            runs.append({"engine": engine, "rows": n, "seconds": round(seconds, 2), "rows_per_second": round(n / seconds)})
+    return {"benchmark": "scale-rescore", "mode": "adapter", "torch_threads": torch.get_num_threads(), "chunk_rows": chunk_rows, "runs": runs}
+
+
 # -- index -------------------------------------------------------------------------------------
 class ChunkedSynthetic(Synthetic):
     """bench/knn.py's clustered generator, normalised, filling one reused buffer per chunk (fresh
@@ -250,6 +291,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--shard-rows", type=int, default=64)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--json", action="store_true")
+    p = sub.add_parser("rescore", help="adapter-mode re-scoring of cached features, streamed chunk by chunk")
+    p.add_argument("--n", type=int, default=200_000)
+    p.add_argument("--chunk-rows", type=int, default=65_536)
+    p.add_argument("--engines", nargs="+", default=["local", "ray"], choices=["local", "ray"])
+    p.add_argument("--json", action="store_true")
     p = sub.add_parser("index", help="search latency / recall@10 / memory at 1M-10M synthetic vectors")
     p.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 10_000_000])
     p.add_argument("--dim", type=int, default=1280)
@@ -267,6 +313,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.what == "embed":
         result = bench_embed(args.n, args.batch_size, args.shard_rows, args.repeats)
         print(json.dumps(result)) if args.json else print_embed(result)
+        return
+    if args.what == "rescore":
+        result = bench_rescore(args.n, args.chunk_rows, args.engines)
+        print(json.dumps(result)) if args.json else print("\n".join(f"{r['engine']:<6} {r['rows']} rows in {r['seconds']} s: {r['rows_per_second']} rows/s" for r in result["runs"]))
         return
     results = []
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:

@@ -10,11 +10,14 @@ Embedding (:func:`embed_on_ray`)::
       -> the driver merges each finished shard into the FeatureCache, marks it embedded, deletes it
 
 A run first merges shards that an earlier, interrupted run finished and deletes half-written
-ones, so a rerun redoes only unfinished blocks. Failed decode tasks and actor calls are retried
-(``max_retries``); an image that cannot be decoded is marked rejected, as in the in-process
-pipeline. Workers read images and write shards by path: on a cluster, the project folder and
-the images must be on a filesystem every node mounts at the same path. With no address, Ray
-starts locally on this machine, so the same code runs (and is tested) on a laptop.
+ones, so a rerun redoes only unfinished blocks. Ray restarts crashed workers and actors and
+retries their blocks; a decode task that raises is retried ``max_retries`` times; an image that
+cannot be decoded is marked rejected, as in the in-process pipeline. A run that fails anyway
+keeps every finished shard for the next one. Decoding runs in its own tasks, not fused into the
+model actors (the actors reserve memory, which keeps Ray Data from fusing the two stages), so it
+overlaps the forward pass. Workers read images and write shards by path: on a cluster, the
+project folder and the images must be on a filesystem every node mounts at the same path. With
+no address, Ray starts locally on this machine, so the same code runs (and is tested) on a laptop.
 
 Re-scoring (:func:`rescore_version`) runs a trained model over cached inputs (pooled features
 in adapter mode, stage maps in last-stage mode) chunk by chunk, in process or on Ray, and
@@ -36,7 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .backbone import Preprocess, PreprocessConfig, Trunk, load_backbone
+from .backbone import Backbone, Preprocess, PreprocessConfig, Trunk, load_backbone
 from .features import EmbedReport, FeatureCache, resolve_device
 from .imageio import ImageRejected, load_rgb, to_tensor_uint8
 from .progress import CancelToken, ProgressFn, RateMeter, check, report
@@ -58,7 +61,7 @@ class RayConfig:
     shard_rows: int = 256  # images per block = per actor call = per shard file
     decode_rows: int = 16  # images per decode task call
     batch_size: int = 32  # images per forward pass inside an actor call
-    max_retries: int = 3  # retries of a failed decode task / actor call (and actor restarts)
+    max_retries: int = 3  # retries of a decode task that raised (crashed workers and actors are always retried)
     device: str = "auto"  # device of the model actors: "auto" takes CUDA when the actor has a GPU
 
 
@@ -233,7 +236,19 @@ def embed_on_ray(
     )
 
 
-def _embed_dataset(ray, items, bb, backbone, weights, folder, with_maps, config, workers, gpus, device):
+def _embed_dataset(
+    ray: Any,
+    items: list[tuple[int, str]],
+    bb: Backbone,
+    backbone: str,
+    weights: str | None,
+    folder: Path,
+    with_maps: bool,
+    config: RayConfig,
+    workers: int,
+    gpus: float,
+    device: str,
+) -> Any:
     """The Ray Data pipeline of :func:`embed_on_ray` (lazy; runs while the driver iterates it)."""
     import pyarrow as pa
     from ray.data import ActorPoolStrategy
@@ -265,24 +280,30 @@ def _embed_dataset(ray, items, bb, backbone, weights, folder, with_maps, config,
 
 
 class _RescoreActor:
-    """Ray Data actor: holds a trained model; each call scores one chunk of rows of a cached-input file."""
+    """Ray Data actor: holds a trained model; each call scores one chunk of rows of a cached-input file
+    and writes the result beside the version being written (results stay out of the object store)."""
 
-    def __init__(self, model: Any, inputs_path: str, device: str, threads: int | None):
+    def __init__(self, model: Any, inputs_path: str, out_dir: str, device: str, threads: int | None):
         dev = resolve_device(device)
         if dev.type == "cpu":
             torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
-        self.model, self.device = model, device
+        self.model, self.device, self.out_dir = model, device, Path(out_dir)
         self.inputs = np.load(inputs_path, mmap_mode="r")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from .train import score
 
-        rows = batch["rows"][0]
-        embeddings, scores = score(self.model, self.inputs, rows, device=self.device)
-        return {"start": batch["start"], "embeddings": embeddings.astype(np.float16)[None], "scores": scores[None]}
+        start = int(batch["start"][0])
+        embeddings, scores = score(self.model, self.inputs, batch["rows"][0], device=self.device)
+        final = self.out_dir / f"chunk-{start:012d}.npz"
+        tmp = final.with_name(f"{final.name}.{os.getpid()}.partial")
+        with open(tmp, "wb") as f:
+            np.savez(f, embeddings=embeddings.astype(np.float16), scores=scores)
+        os.replace(tmp, final)
+        return {"start": batch["start"], "file": np.array([final.name])}
 
 
-def _chunks_on_ray(model: Any, inputs: np.ndarray, ids: np.ndarray, chunk_rows: int, config: RayConfig, cancel: CancelToken | None):
+def _chunks_on_ray(model: Any, inputs: np.ndarray, ids: np.ndarray, chunk_rows: int, out_dir: Path, config: RayConfig, cancel: CancelToken | None):
     """(start, embeddings, scores) per chunk of ``ids``, computed by a Ray actor pool, in completion order."""
     from ray.data import ActorPoolStrategy
 
@@ -296,13 +317,22 @@ def _chunks_on_ray(model: Any, inputs: np.ndarray, ids: np.ndarray, chunk_rows: 
             batch_size=1,
             batch_format="numpy",
             compute=ActorPoolStrategy(size=workers),
-            fn_constructor_kwargs={"model": model, "inputs_path": str(inputs.filename), "device": device, "threads": config.torch_threads},
+            fn_constructor_kwargs={
+                "model": model,
+                "inputs_path": str(inputs.filename),
+                "out_dir": str(out_dir),
+                "device": device,
+                "threads": config.torch_threads,
+            },
             num_cpus=config.cpus_per_worker,
             num_gpus=gpus,
         )
         for row in ds.iter_rows():
             check(cancel)
-            yield int(row["start"]), np.asarray(row["embeddings"]), np.asarray(row["scores"])
+            path = out_dir / str(row["file"])
+            with np.load(path) as z:
+                yield int(row["start"]), z["embeddings"], z["scores"]
+            path.unlink()
 
 
 def _chunks_local(model: Any, inputs: Any, ids: np.ndarray, chunk_rows: int, device: str, cancel: CancelToken | None):
@@ -347,7 +377,7 @@ def rescore_version(
     embeddings = open_memmap(tmp / "embeddings.npy", mode="w+", dtype=np.float16, shape=(len(ids), model.embedding_dim))
     scores = open_memmap(tmp / "scores.npy", mode="w+", dtype=np.float32, shape=(len(ids), len(model.categories)))
     if engine == "ray":
-        chunks = _chunks_on_ray(model, inputs, ids, chunk_rows, ray_config or RayConfig(), cancel)
+        chunks = _chunks_on_ray(model, inputs, ids, chunk_rows, tmp, ray_config or RayConfig(), cancel)
     else:
         chunks = _chunks_local(model, inputs, ids, chunk_rows, device, cancel)
     done = 0

@@ -62,31 +62,25 @@ def embed(project: Project, config: RayConfig = CONFIG):
     return embed_on_ray(project.store, project.features, project.backbone_name, project.backbone_weights, config)
 
 
-def assert_same_features(project: Project, reference: Project) -> None:
-    ids = reference.store.image_ids()
-    assert project.store.image_ids() == ids and project.store.image_ids(embedded=False) == []
+def assert_same_features(project: Project, reference: Project, ids: list[int]) -> None:
     for name in ("pooled", "logits", "maps"):
         ours, theirs = project.features.read(name, ids).astype(np.float32), reference.features.read(name, ids).astype(np.float32)
         assert np.abs(ours - theirs).max() <= (1e-5 if name == "pooled" else 1e-3), name
 
 
-def test_ray_local_mode_embeds_a_folder_with_the_in_process_features(ray_local, tmp_path, image_folder_module, reference):
-    project = fresh_project(tmp_path, image_folder_module)
-    report = embed(project)
-    assert (report.embedded, report.failed, report.shards_written) == (12, 0, 3)
-    assert_same_features(project, reference)
-    assert finished_shards(shard_dir(project.features)) == []  # merged shards are deleted
-    assert embed(project).embedded == 0  # nothing left to do
-
-
-def test_unreadable_images_are_rejected_like_in_process(ray_local, tmp_path, image_folder_module):
+def test_ray_local_mode_embeds_a_folder_like_the_in_process_pipeline(ray_local, tmp_path, image_folder_module, reference):
     folder = tmp_path / "images"
     shutil.copytree(image_folder_module, folder)
     project = fresh_project(tmp_path, folder)
-    os.remove(project.store.image(project.store.image_ids()[2])["path"])  # vanished between ingest and embedding
+    ids = project.store.image_ids()
+    assert ids == reference.store.image_ids()
+    os.remove(project.store.image(ids[2])["path"])  # vanished between ingest and embedding: rejected, not fatal
     report = embed(project)
-    assert (report.embedded, report.failed) == (11, 1)
-    assert project.store.rejected_counts() == {"unreadable": 1}
+    assert (report.embedded, report.failed, report.shards_written) == (11, 1, 3)
+    assert project.store.rejected_counts() == {"unreadable": 1} and project.store.image_ids(embedded=False) == []
+    assert_same_features(project, reference, ids[:2] + ids[3:])
+    assert finished_shards(shard_dir(project.features)) == []  # merged shards are deleted
+    assert embed(project).embedded == 0  # nothing left to do
 
 
 def test_a_shard_killed_mid_write_is_redone_and_finished_shards_are_kept(ray_local, tmp_path, image_folder_module, reference):
@@ -106,7 +100,8 @@ def test_a_shard_killed_mid_write_is_redone_and_finished_shards_are_kept(ray_loc
     assert (report.shards_reused, report.partials_removed) == (1, 1)
     assert report.embedded == 12 and report.shards_written == 2  # ids 5-11 embedded again, in blocks of 5
     assert list(folder.iterdir()) == [folder / ".lock"]
-    assert_same_features(project, reference)
+    assert project.store.image_ids(embedded=False) == []
+    assert_same_features(project, reference, ids.tolist())
 
 
 def test_a_shard_from_other_weights_is_discarded(tmp_path, image_folder_module, reference):
