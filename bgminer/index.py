@@ -3,7 +3,8 @@
 Vectors are L2-normalised on the way in, so every score is a cosine similarity. Ids are the
 caller's int64 ids (image ids); results are padded with id -1 and score -inf.
 
-Backends (``build_index(kind="auto")`` picks by size, see :func:`auto_kind`):
+Backends (``build_index(kind="auto")`` picks by size, see :func:`auto_kind`; exact up to 2**24
+floats, IVF up to 2**31, IVF-PQ above):
 
 - ``ExactIndex``: faiss ``IndexFlatIP`` behind ``IndexIDMap2``. Exact; a query costs N*D
   multiply-adds, so it is used while N*D <= ``EXACT_MAX_FLOATS`` (2**24, ~13k vectors at 1280-d).
@@ -24,8 +25,31 @@ Backends (``build_index(kind="auto")`` picks by size, see :func:`auto_kind`):
   On structureless data (uniform on the sphere) PCA keeps no neighbourhoods: recall@10 0.02
   even at nprobe = nlist, which ``tuned_recall`` exposes.
 
-Incremental ``add`` never retrains: new vectors go to their nearest existing list. Searches
-may run from several threads; ``add``/``remove`` must not run concurrently with anything.
+- ``IVFPQIndex`` (tens of millions): used when N*D > ``IVF_MAX_FLOATS`` (2**31, ~1.68M vectors at
+  1280-d, where the float16 copy alone would pass 4 GB). The *probe* stage is PCA to 128-d +
+  IVF-PQ held in RAM: residuals to the coarse centroid coded in 32 bytes (32 sub-quantizers of
+  8 bits), ``nlist = min(4 * sqrt(N), N/39, 4096)`` (4096 caps the cost of assigning every vector
+  on CPU), trained on at most 2**18 sample vectors; faiss keeps a distance table per list
+  (nlist * 32 KB). The *rerank* stage re-scores the probe's best 512 per query from SQ8 codes of
+  the full vectors (1 byte per dimension, scale per dimension fitted on the sample) kept in a file
+  beside the index and memory-mapped: RAM holds ~48 bytes per vector, disk 1280 bytes per vector
+  at 1280-d, and the OS page cache holds what it can of the codes. On bench/knn.py's synthetic
+  vectors, re-scoring the exact top 200 of 1M from SQ8 codes keeps recall@10 at 0.987 (float16:
+  0.998) while PCA-384 float16 codes reach only 0.83 and SQ4 0.86: the isotropic part of CNN-like
+  features is what ranks close neighbours, and only a code of every dimension keeps it. nprobe is
+  tuned as for ``IVFIndex``. ``save(path)`` moves the codes file to ``<path>.<token>.codes`` (the
+  header names it, so replacing an index file is still atomic) and deletes codes files that no
+  saved index names. Measured (bench/scale.py): see docs/scaling.md.
+
+nprobe tuning stops early when doubling nprobe gains less than ``PLATEAU_GAIN`` recall (the
+rerank, not the probe, is then the limit), so an unreachable target does not scan every list.
+
+Incremental ``add`` never retrains: new vectors go to their nearest existing list (and, for
+IVF-PQ, are coded with the trained quantizers and appended to the codes file). Rebuild when the
+corpus has grown several times past the size an index was trained for, or for a new model
+version: :class:`IndexBuilder` builds the new index on a thread while the current one keeps
+serving, then swaps it in. Searches may run from several threads; ``add``/``remove`` must not
+run concurrently with anything.
 """
 
 from __future__ import annotations
@@ -57,6 +81,7 @@ TRAIN_POINTS_PER_LIST = 40
 CHUNK_ROWS = 32_768
 PCA_TRAIN_MAX = 16_384
 PARALLEL_MIN_QUERIES = 16
+PLATEAU_GAIN = 0.005  # nprobe tuning stops doubling when recall@10 grows less than this
 _MAGIC = b"BGMVIDX1"
 
 
@@ -312,7 +337,9 @@ class _NprobeTuning:
 
         Doubles nprobe until the target is reached, then bisects between the last two values.
         ``true_ids`` [Q, k] are the exact neighbours (``exclude_ids`` left out of both searches).
-        When even nprobe = nlist misses the target, nprobe = nlist and the shortfall shows in the result.
+        When nprobe reaches nlist, or a doubling gains less than ``PLATEAU_GAIN`` (from nprobe 8 on:
+        the rerank, not the probe, limits recall), before the target, tuning stops there and the
+        shortfall shows in the result.
         """
 
         def recall(nprobe: int) -> float:
@@ -321,7 +348,11 @@ class _NprobeTuning:
 
         target = self.config.target_recall
         low, high = 0, 1  # recall(low) < target (0 stands for "nothing probed")
+        previous = -1.0
         while (achieved := recall(high)) < target and high < self.nlist:
+            if high >= 8 and achieved - previous < PLATEAU_GAIN:
+                break
+            previous = achieved
             low, high = high, min(2 * high, self.nlist)
         if achieved >= target:
             while high - low > max(1, high // 8):  # bisect to within 1/8 of nprobe
@@ -463,7 +494,7 @@ class IVFPQConfig:
     nprobe: int | None = None
     reduce_dim: int = 128  # PCA dimensions of the probe stage
     pq_bytes: int = 32  # bytes per vector in the probe stage's product quantizer (8 bits per sub-quantizer)
-    rerank_candidates: int = 256  # probe-stage results re-scored from the on-disk codes (at least 2k)
+    rerank_candidates: int = 512  # probe-stage results re-scored from the on-disk codes (at least 2k)
     rerank_codec: str = "SQ8"  # faiss factory string of the on-disk code of full vectors used to re-score
     target_recall: float = 0.96
     tuning_queries: int = 200
@@ -642,8 +673,13 @@ class IVFPQIndex(_NprobeTuning, VectorIndex):
         return f"PCA{c.reduce_dim},IVF{self.nlist},PQ{c.pq_bytes} -> {c.rerank_codec} rerank {c.rerank_candidates} (on disk), nprobe {self.nprobe}"
 
     def memory_bytes(self) -> int:
-        """Bytes of the part held in RAM (probe stage, row ids); the codes file is on disk and memory-mapped."""
-        return int(faiss.serialize_index(self._probe).nbytes + self._row_ids.nbytes) if self._probe is not None else 0
+        """Bytes held in RAM: probe stage (with its precomputed distance tables), row ids and their sorted
+        lookup. The codes file is on disk and memory-mapped (the OS caches what RAM it can spare)."""
+        if self._probe is None:
+            return 0
+        tables = faiss.downcast_index(self._ivf()).precomputed_table.size() * 4
+        lookup = 0 if self._sorted is None else self._sorted[0].nbytes + self._sorted[1].nbytes
+        return int(faiss.serialize_index(self._probe).nbytes + tables + self._row_ids.nbytes + lookup)
 
     def _state(self) -> tuple[dict, list[faiss.Index]]:
         return {"config": asdict(self.config), "nprobe": self.nprobe, "tuned_recall": self.tuned_recall}, [self._probe, self._codec]
