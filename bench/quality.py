@@ -195,6 +195,19 @@ class Trainer:
         return embeddings, probs[:, 0]
 
 
+def probe_head(model, probe: Probe) -> None:
+    """Start the main head at a logistic probe (background logit 0, category logit = probe), in place.
+
+    Valid in every mode because the untrained trunk outputs the pretrained pooled features. This
+    emulates linear-probe-then-fine-tune (``--head-init probe``); the engine starts the head at zero.
+    """
+    with torch.no_grad():
+        model.main_head.weight.zero_()
+        model.main_head.bias.zero_()
+        model.main_head.weight[1] = torch.from_numpy(probe.w)
+        model.main_head.bias[1] = probe.b
+
+
 # -- protocol A ---------------------------------------------------------------------------------
 
 
@@ -209,7 +222,13 @@ def k_values(n_train_positives: int, ks: tuple[int | None, ...]) -> list[int]:
 
 
 def protocol_a(
-    data: Data, split: Split, trainer: Trainer, modes: tuple[str, ...], ks: tuple[int | None, ...], methods: tuple[str, ...] = METHODS
+    data: Data,
+    split: Split,
+    trainer: Trainer,
+    modes: tuple[str, ...],
+    ks: tuple[int | None, ...],
+    methods: tuple[str, ...] = METHODS,
+    head_init: str = "zero",
 ) -> list[dict]:
     """One row per (k, method): test AP of each method on this split."""
     positives = split.positives(data)
@@ -224,8 +243,9 @@ def protocol_a(
         rows = {}
         if "knn" in methods:
             rows["knn"] = knn_scores(data, chosen, split.test)
+        probe = logistic_probe(data.pooled[split.train], y_train)
         if "lr" in methods:
-            rows["lr"] = logistic_probe(data.pooled[split.train], y_train)(data.pooled[split.test])
+            rows["lr"] = probe(data.pooled[split.test])
         labels = {int(r): ("positive" if p else "negative") for r, p in zip(split.train, y_train)}
         for mode in modes:
             for method, aux in (("ft", {"aux_weight": 0.0}), ("bs", {})):
@@ -233,7 +253,10 @@ def protocol_a(
                     continue
                 start = time.perf_counter()
                 config = trainer.config(mode, split.seed, **aux)
-                model = trainer.fit(data, mode, labels, split.train, config)
+                model = trainer.fresh(mode, config)
+                if head_init == "probe":
+                    probe_head(model, probe)
+                model = trainer.fit(data, mode, labels, split.train, config, model)
                 rows[f"{mode}-{method}"] = trainer.scores(data, model, split.test)[1]
                 rows[f"{mode}-{method}-seconds"] = time.perf_counter() - start
         for method, s in rows.items():
@@ -457,8 +480,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--protocols", nargs="+", choices=["A", "B"], default=["A", "B"])
     parser.add_argument("--modes", nargs="+", choices=MODES, help="protocol A training modes (default both; adapter with --quick)")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="protocol A methods")
+    parser.add_argument("--head-init", choices=["zero", "probe"], default="zero", help="protocol A: main head at zero (engine) or at the LR probe")
     parser.add_argument("--ks", nargs="+", default=None, help="protocol A k values; 'all' for every positive")
     parser.add_argument("--strategies", nargs="+", default=None, help=f"protocol B strategies (default {' '.join(STRATEGY_NAMES)})")
+    parser.add_argument(
+        "--strategy-corpora", nargs="+", choices=list(CORPORA), default=["4%"],
+        help="corpora where protocol B runs every strategy; elsewhere only most-likely (a handful of positives to find)",
+    )
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--per-round", type=int, default=20)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="TrainConfig field override")
@@ -478,6 +506,7 @@ def main(argv: list[str] | None = None) -> None:
     result: dict = {
         "benchmark": "quality", "images": len(data.paths), "positives": int(data.positive.sum()),
         "seeds": list(range(args.first_seed, args.first_seed + n_seeds)), "overrides": trainer.overrides,
+        "head_init": args.head_init,
         "default_config": {f.name: getattr(TrainConfig(), f.name) for f in fields(TrainConfig)},
         "threads": args.threads,
     }
@@ -489,11 +518,12 @@ def main(argv: list[str] | None = None) -> None:
             split = make_split(data, corpus, seed)
             if "A" in args.protocols:
                 t = time.perf_counter()
-                rows_a.extend(protocol_a(data, split, trainer, modes, ks, tuple(args.methods)))
+                rows_a.extend(protocol_a(data, split, trainer, modes, ks, tuple(args.methods), args.head_init))
                 timings["A"] = timings.get("A", 0.0) + time.perf_counter() - t
             if "B" in args.protocols:
                 t = time.perf_counter()
-                loops = [("bs", s) for s in strategies] + [("none", "random"), ("lr", "most-likely"), ("none", "near-positives")]
+                names = strategies if corpus in args.strategy_corpora else strategies[:1]
+                loops = [("bs", s) for s in names] + [("none", "random"), ("lr", "most-likely"), ("none", "near-positives")]
                 for learner, name in loops:
                     estimate = learner == "bs" and name == "most-likely"
                     rows_b.append(run_loop(data, split, learner, name, trainer, args.rounds, args.per_round, estimate))
