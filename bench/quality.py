@@ -485,7 +485,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--strategies", nargs="+", default=None, help=f"protocol B strategies (default {' '.join(STRATEGY_NAMES)})")
     parser.add_argument(
         "--strategy-corpora", nargs="+", choices=list(CORPORA), default=["4%"],
-        help="corpora where protocol B runs every strategy; elsewhere only most-likely (a handful of positives to find)",
+        help="corpora where protocol B runs every strategy; elsewhere only the first (few positives to find there)",
     )
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--per-round", type=int, default=20)
