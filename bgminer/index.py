@@ -325,12 +325,44 @@ class ExactIndex(VectorIndex):
         return {}, [self._index]
 
 
-class _NprobeTuning:
-    """``tune()`` for the IVF backends: the smallest nprobe that reaches ``config.target_recall``."""
+class _IVFBase:
+    """What the IVF backends share: the trained probe index, its clustering settings, and ``tune()``
+    (the smallest nprobe that reaches ``config.target_recall``)."""
 
     nprobe: int | None
     tuned_recall: float | None
     config: IVFConfig | IVFPQConfig
+    dim: int
+    _probe: faiss.Index | None
+
+    @property
+    def is_trained(self) -> bool:
+        return self._probe is not None
+
+    @property
+    def nlist(self) -> int:
+        return self._ivf().nlist
+
+    def _ivf(self) -> faiss.IndexIVF:
+        if self._probe is None:
+            raise RuntimeError(f"{type(self).__name__} is not trained yet")
+        return faiss.extract_index_ivf(self._probe)
+
+    def _clustering(self, ivf: faiss.IndexIVF) -> faiss.IndexIVF:
+        """Seeded k-means for the coarse quantizer; the caller already chose the sample size."""
+        ivf.cp.niter = self.config.kmeans_iterations
+        ivf.cp.seed = self.config.seed
+        ivf.cp.min_points_per_centroid = 1  # a small corpus may give fewer than 39 points per list
+        ivf.cp.max_points_per_centroid = 1 << 30
+        return ivf
+
+    def _with_pca(self, ivf: faiss.IndexIVF, probe_dim: int, x: np.ndarray) -> faiss.Index:
+        """``ivf`` behind a PCA to ``probe_dim`` fitted on the head of the (random) sample ``x``; bare when no reduction."""
+        if probe_dim == self.dim:
+            return ivf
+        pca = faiss.PCAMatrix(self.dim, probe_dim)
+        pca.train(x[:PCA_TRAIN_MAX])
+        return faiss.IndexPreTransform(pca, ivf)  # its train() skips the trained PCA
 
     def tune(self, queries: np.ndarray, true_ids: np.ndarray, exclude_ids: np.ndarray | None = None) -> float:
         """Set nprobe to the smallest value whose recall@k on ``queries`` reaches the target; returns that recall.
@@ -379,7 +411,7 @@ class IVFConfig:
     seed: int = 0
 
 
-class IVFIndex(_NprobeTuning, VectorIndex):
+class IVFIndex(_IVFBase, VectorIndex):
     """PCA + IVF-Flat probe stage, exact rerank from float16 full vectors (see module docstring)."""
 
     kind = "ivf"
@@ -402,19 +434,6 @@ class IVFIndex(_NprobeTuning, VectorIndex):
         self.nprobe = nprobe if nprobe is not None else self.config.nprobe
         self.tuned_recall = tuned_recall  # recall@10 that tune() measured at the chosen nprobe
 
-    @property
-    def is_trained(self) -> bool:
-        return self._probe is not None
-
-    @property
-    def nlist(self) -> int:
-        return self._ivf().nlist
-
-    def _ivf(self) -> faiss.IndexIVF:
-        if self._probe is None:
-            raise RuntimeError("IVFIndex is not trained yet")
-        return faiss.extract_index_ivf(self._probe)
-
     def train_size(self, expected_size: int) -> int:
         """How many sample vectors :meth:`train` wants for a corpus of ``expected_size``."""
         nlist = self.config.nlist or nlist_for(expected_size)
@@ -426,17 +445,8 @@ class IVFIndex(_NprobeTuning, VectorIndex):
         nlist = min(self.config.nlist or nlist_for(expected_size), len(x))
         reduce = self.config.reduce_dim
         probe_dim = reduce if reduce is not None and reduce < self.dim else self.dim
-        ivf = faiss.IndexIVFFlat(faiss.IndexFlatL2(probe_dim), probe_dim, nlist, faiss.METRIC_L2)
-        ivf.cp.niter = self.config.kmeans_iterations
-        ivf.cp.seed = self.config.seed
-        ivf.cp.min_points_per_centroid = 1  # a small corpus may give fewer than 39 points per list
-        ivf.cp.max_points_per_centroid = 1 << 30  # the caller already chose the sample size
-        if probe_dim == self.dim:
-            probe = ivf
-        else:
-            pca = faiss.PCAMatrix(self.dim, probe_dim)
-            pca.train(x[:PCA_TRAIN_MAX])  # the sample is random, so its head is too
-            probe = faiss.IndexPreTransform(pca, ivf)  # train() below skips the trained PCA
+        ivf = self._clustering(faiss.IndexIVFFlat(faiss.IndexFlatL2(probe_dim), probe_dim, nlist, faiss.METRIC_L2))
+        probe = self._with_pca(ivf, probe_dim, x)
         probe.train(x)
         self._store.train(x)
         self._probe = probe
@@ -504,7 +514,7 @@ class IVFPQConfig:
     seed: int = 0
 
 
-class IVFPQIndex(_NprobeTuning, VectorIndex):
+class IVFPQIndex(_IVFBase, VectorIndex):
     """PCA + IVF-PQ probe stage in RAM; re-scoring from compact full-vector codes in a memory-mapped file.
 
     Inside, the probe stage and the codes file are keyed by *row* (insertion order); ``row_ids``
@@ -536,19 +546,6 @@ class IVFPQIndex(_NprobeTuning, VectorIndex):
         self.nprobe = nprobe if nprobe is not None else self.config.nprobe
         self.tuned_recall = tuned_recall
 
-    @property
-    def is_trained(self) -> bool:
-        return self._probe is not None
-
-    @property
-    def nlist(self) -> int:
-        return self._ivf().nlist
-
-    def _ivf(self) -> faiss.IndexIVF:
-        if self._probe is None:
-            raise RuntimeError("IVFPQIndex is not trained yet")
-        return faiss.extract_index_ivf(self._probe)
-
     def train_size(self, expected_size: int) -> int:
         """How many sample vectors :meth:`train` wants for a corpus of ``expected_size``."""
         nlist = self.config.nlist or min(nlist_for(expected_size), IVFPQ_MAX_NLIST)
@@ -563,15 +560,9 @@ class IVFPQIndex(_NprobeTuning, VectorIndex):
         if cfg.reduce_dim % cfg.pq_bytes:
             raise ValueError(f"pq_bytes ({cfg.pq_bytes}) must divide reduce_dim ({cfg.reduce_dim})")
         nlist = min(cfg.nlist or min(nlist_for(expected_size), IVFPQ_MAX_NLIST), len(x))
-        ivf = faiss.IndexIVFPQ(faiss.IndexFlatL2(cfg.reduce_dim), cfg.reduce_dim, nlist, cfg.pq_bytes, 8)
-        ivf.cp.niter = cfg.kmeans_iterations
-        ivf.cp.seed = cfg.seed
-        ivf.cp.min_points_per_centroid = 1
-        ivf.cp.max_points_per_centroid = 1 << 30
+        ivf = self._clustering(faiss.IndexIVFPQ(faiss.IndexFlatL2(cfg.reduce_dim), cfg.reduce_dim, nlist, cfg.pq_bytes, 8))
         ivf.pq.cp.min_points_per_centroid = 1  # a small corpus trains its 256 codes per sub-quantizer on fewer points
-        pca = faiss.PCAMatrix(self.dim, cfg.reduce_dim)
-        pca.train(x[:PCA_TRAIN_MAX])
-        probe = faiss.IndexPreTransform(pca, ivf)
+        probe = self._with_pca(ivf, cfg.reduce_dim, x)
         probe.train(x)
         codec = faiss.index_factory(self.dim, cfg.rerank_codec)
         codec.train(x)

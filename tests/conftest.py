@@ -5,14 +5,24 @@ import pytest
 from PIL import Image
 
 
-@pytest.fixture
-def image_folder(tmp_path):
-    """A folder of small, distinct, real images (different colours and shapes)."""
-    folder = tmp_path / "images"
-    folder.mkdir()
+def write_images(folder):
+    """Twelve small, distinct, real PNGs (different colours and shapes) into ``folder``."""
+    folder.mkdir(exist_ok=True)
     rng = np.random.default_rng(0)
     for i in range(12):
         arr = (rng.random((48 + i, 64, 3)) * 255).astype(np.uint8)
         arr[:, : 8 + i] = (i * 20) % 255
         Image.fromarray(arr).save(folder / f"img_{i:02d}.png")
     return folder
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    """A folder of small, distinct, real images, fresh for each test."""
+    return write_images(tmp_path / "images")
+
+
+@pytest.fixture(scope="module")
+def image_folder_module(tmp_path_factory):
+    """The same images, shared by the tests of one module (for slow per-module set-ups)."""
+    return write_images(tmp_path_factory.mktemp("images"))

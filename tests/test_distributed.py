@@ -39,19 +39,6 @@ def reference(tmp_path_factory, image_folder_module):
     return project
 
 
-@pytest.fixture(scope="module")
-def image_folder_module(tmp_path_factory):
-    from PIL import Image
-
-    folder = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for i in range(12):
-        arr = (rng.random((48 + i, 64, 3)) * 255).astype(np.uint8)
-        arr[:, : 8 + i] = (i * 20) % 255
-        Image.fromarray(arr).save(folder / f"img_{i:02d}.png")
-    return folder
-
-
 def fresh_project(tmp_path, folder) -> Project:
     project = Project.create(tmp_path / "proj")
     project.ingest([folder])
