@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,24 @@ def cmd_embed(args: argparse.Namespace) -> int:
         result = project.embed(device=args.device, batch_size=args.batch_size, progress=_print_progress)
     summary = {"embedded": result.embedded, "failed": result.failed, "images_per_second": round(result.images_per_second, 1), "device": result.device}
     _emit(args, summary, lambda s: "\n".join(f"{k:>18}: {v}" for k, v in s.items()))
+    return 0
+
+
+def cmd_rescore(args: argparse.Namespace) -> int:
+    from .project import Project
+
+    project = Project(args.project)
+    ray_config = None
+    if args.engine == "ray":
+        from .distributed import RayConfig
+
+        ray_config = RayConfig(address=args.address, device=args.device)
+    start = time.perf_counter()
+    record = project.rescore(engine=args.engine, ray_config=ray_config, device=args.device, progress=_print_progress, cancel=CancelToken())
+    n = len(project.store.image_ids(embedded=True))
+    seconds = time.perf_counter() - start
+    summary = {"model_version": record.id, "mode": record.mode, "images": n, "seconds": round(seconds, 1), "engine": args.engine}
+    _emit(args, summary, lambda s: "\n".join(f"{k:>14}: {v}" for k, v in s.items()))
     return 0
 
 
@@ -207,6 +226,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=None, help="Ray cluster to join (e.g. auto, ray://head:10001); default: start Ray on this machine")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_embed)
+
+    p = sub.add_parser("rescore", help="re-score every embedded image with the active model and rebuild its index")
+    p.add_argument("project")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--engine", default="local", choices=["local", "ray"], help="ray: one Ray actor per chunk of cached features (pip install 'bgminer[ray]')")
+    p.add_argument("--address", default=None, help="Ray cluster to join (e.g. auto, ray://head:10001); default: start Ray on this machine")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_rescore)
 
     p = sub.add_parser("info", help="counts: images, rejected, embedded, labels")
     p.add_argument("project")

@@ -22,7 +22,7 @@ from .features import EmbedReport, FeatureCache, PixelLoader, embed_images
 from .progress import Cancelled, CancelToken, ProgressFn
 from .store import LabelEvent, ModelRecord, Store
 from .train import TrainConfig
-from .versions import VersionScores, read_version, write_version
+from .versions import VersionScores, read_version
 
 DB_NAME = "bgminer.sqlite"
 
@@ -152,8 +152,9 @@ class Project:
         version becomes active only once all of it is on disk; a failed or cancelled round
         leaves the previous version active.
         """
+        from .distributed import rescore_version
         from .model import build_model, grow_categories, load_checkpoint, save_checkpoint
-        from .train import build_training_set, score, train
+        from .train import build_training_set, train
 
         config = config or TrainConfig()
         counts = self.store.label_counts()
@@ -188,10 +189,9 @@ class Project:
 
             result = train(model, training_set, config, progress=progress, cancel=cancel, on_epoch=record_losses)
             checkpoint = save_checkpoint(result.model, self.models_dir / f"v{model_id:04d}.pt", extra={"model_id": model_id})
-            embeddings, scores = score(result.model, inputs, ids, device=config.device, cancel=cancel)
-            write_version(self.scores_dir, model_id, ids, scores, embeddings)
-            self._build_index(model_id, embeddings, ids)
-            metrics = _training_metrics(labels, ids, scores, cats, result)
+            version = rescore_version(result.model, inputs, ids, self.scores_dir, model_id, device=config.device, cancel=cancel)
+            self._build_index(model_id, version.embeddings(), ids)
+            metrics = _training_metrics(labels, ids, version.scores, cats, result)
         except Cancelled:
             self.store.update_model(model_id, state="cancelled", train_seconds=time.perf_counter() - started)
             raise
@@ -208,6 +208,34 @@ class Project:
             train_seconds=time.perf_counter() - started,
         )
         return self.store.model(model_id)
+
+    def rescore(
+        self,
+        engine: str = "local",
+        ray_config: Any = None,
+        device: str = "auto",
+        progress: ProgressFn | None = None,
+        cancel: CancelToken | None = None,
+    ) -> ModelRecord:
+        """Re-score every embedded image with the active model and rebuild its index (after embedding more images).
+
+        Streams chunk by chunk into the version's memory-mapped folder, in process or on Ray
+        (``engine="ray"``, ``ray_config`` a :class:`bgminer.distributed.RayConfig`); the version's
+        old scores and index keep serving until the new ones are complete.
+        """
+        from .distributed import rescore_version
+
+        record = self.store.active_model()
+        if record is None:
+            raise ValueError("no trained model yet: label a few positives and train first")
+        model = self.load_model(record.id)
+        ids = np.asarray(self.store.image_ids(embedded=True), dtype=np.int64)
+        version = rescore_version(
+            model, self._inputs(model.mode), ids, self.scores_dir, record.id,
+            engine=engine, ray_config=ray_config, device=device, progress=progress, cancel=cancel,
+        )
+        self._build_index(record.id, version.embeddings(), ids)
+        return record
 
     def load_model(self, model_id: int | None = None, category: str | None = None):
         """The trained model of a version (default: the active one for ``category``)."""

@@ -7,8 +7,6 @@ Each folder is written under a temporary name and renamed, so readers see all or
 
 from __future__ import annotations
 
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,19 +29,6 @@ class VersionScores:
 
 def version_dir(scores_dir: Path, model_id: int) -> Path:
     return Path(scores_dir) / f"v{model_id:04d}"
-
-
-def write_version(scores_dir: Path, model_id: int, ids: np.ndarray, scores: np.ndarray, embeddings: np.ndarray) -> Path:
-    final = version_dir(scores_dir, model_id)
-    tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    np.save(tmp / "ids.npy", np.asarray(ids, dtype=np.int64))
-    np.save(tmp / "scores.npy", np.asarray(scores, dtype=np.float32))
-    np.save(tmp / "embeddings.npy", np.asarray(embeddings, dtype=np.float16))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    return final
 
 
 def read_version(scores_dir: Path, model_id: int, categories: list[str]) -> VersionScores | None:

@@ -222,3 +222,41 @@ def test_ivfpq_saves_its_codes_beside_the_file_and_keeps_adding_after_load(tmp_p
     assert len(again) == 1503 and again.search(clustered(3, seed=9) + 5.0, 1)[1].ravel().tolist() == [1, 2, 3]
     assert len(list(path.parent.glob("v0001.faiss.*.codes"))) == 1
     np.testing.assert_allclose(again.vectors([1003]), index.vectors([1003]))
+
+
+@pytest.mark.parametrize("engine", ["local", "ray"])
+def test_rescore_command_scores_images_embedded_after_training(engine, request, tmp_path, image_folder_module, capsys):
+    import json
+
+    from bgminer.cli import main as cli
+    from bgminer.train import TrainConfig
+
+    if engine == "ray":
+        request.getfixturevalue("ray_local")
+    files = sorted(image_folder_module.glob("*.png"))
+    first, later = tmp_path / "first", tmp_path / "later"
+    for folder, part in ((first, files[:8]), (later, files[8:])):
+        folder.mkdir()
+        for f in part:
+            shutil.copy(f, folder / f.name)
+    project = fresh_project(tmp_path, first)
+    project.embed(batch_size=5)
+    project.add_category("thing")
+    project.label_paths("thing", [first / files[0].name, first / files[1].name], "positive")
+    record = project.train(config=TrainConfig(epochs=1, min_steps=2))
+    assert len(read_version(project.scores_dir, record.id, record.categories).ids) == 8
+
+    project.ingest([later])
+    project.embed(batch_size=5)
+    assert cli(["rescore", str(project.root), "--engine", engine, "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["model_version"] == record.id and summary["images"] == 12
+
+    fresh = Project(project.root)  # what another process sees on disk
+    version = read_version(fresh.scores_dir, record.id, record.categories)
+    ids = np.asarray(fresh.store.image_ids(embedded=True), dtype=np.int64)
+    assert np.array_equal(version.ids, ids)
+    model = fresh.load_model(record.id)
+    _, expected = score(model, fresh.features.open("pooled"), ids, device="cpu")
+    assert np.abs(version.scores - expected).max() < 1e-5
+    assert len(fresh.index()) == 12
