@@ -13,7 +13,7 @@ the engine level on cached features (pooled 1280-d, ImageNet logits, last-stage 
 - Protocol B (the product's use): from 5 seed positives (half the positives when fewer than
   10), rounds of train -> rank -> an oracle labels the top 20 -> repeat, 15 rounds (300
   reviews), on the training split. Positives found after 100/200/300 reviews per strategy
-  (background-splitting model, default config, warm-started each round), for random review,
+  (background-splitting model, default config: adapter rounds start afresh), for random review,
   for a logistic-regression loop (most-likely on an LR probe) and a kNN loop (near-positives
   on pretrained features, no training).
 - Estimator check: at 100 and 200 reviews of the default loop, draw the validation sample
@@ -294,7 +294,7 @@ def run_loop(
         scores, embeddings = None, data.pooled[rows]
         if learner == "bs":
             config = trainer.config(str(trainer.overrides.get("mode", TrainConfig().mode)), split.seed + r)
-            model = trainer.fit(data, config.mode, labels, rows, config, model)
+            model = trainer.fit(data, config.mode, labels, rows, config, model if config.warm_start else None)
             embeddings, scores = trainer.scores(data, model, rows)
         elif learner == "lr":
             y = np.array([labels.get(int(i)) == "positive" for i in rows])

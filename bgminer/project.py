@@ -146,7 +146,7 @@ class Project:
         progress: ProgressFn | None = None,
         cancel: CancelToken | None = None,
     ) -> ModelRecord:
-        """One round: train (warm-started), re-score the corpus, rebuild the index.
+        """One round: train (warm-started in the modes that do), re-score the corpus, rebuild the index.
 
         Trains every category with a positive label unless ``categories`` narrows it. The new
         version becomes active only once all of it is on disk; a failed or cancelled round
@@ -170,7 +170,9 @@ class Project:
         if len(ids) == 0:
             raise ValueError("no embedded images yet: ingest and embed a corpus first")
 
-        parent = next((m for m in self.store.models() if m.state == "ready" and m.mode == config.mode and set(m.categories) <= set(cats)), None)
+        parent = None
+        if config.warm_start:
+            parent = next((m for m in self.store.models() if m.state == "ready" and m.mode == config.mode and set(m.categories) <= set(cats)), None)
         if parent is not None:
             model = load_checkpoint(self.root / parent.checkpoint, self.backbone)
             cats = list(model.categories) + [c for c in cats if c not in model.categories]

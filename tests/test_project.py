@@ -98,14 +98,17 @@ def test_cancelled_training_leaves_the_previous_version_active(corpus, tmp_path)
     assert project.store.models()[0].state == "cancelled"
 
 
-def test_rounds_warm_start_from_the_previous_version(corpus, tmp_path):
+def test_rounds_warm_start_from_the_previous_version_when_asked(corpus, tmp_path):
     project, is_cat = _fresh(corpus, tmp_path)
     cats = [i for i, t in is_cat.items() if t]
     project.label("cat", cats[:2], "positive")
     first = project.train("cat")
+    assert first.parent_id is None
     project.label("cat", cats[2:4], "positive")
-    second = project.train("cat", TrainConfig(epochs=1))
+    second = project.train("cat", TrainConfig(epochs=1, warm_start=True))
     assert second.parent_id == first.id and second.label_counts["cat"]["positive"] == 4
+    third = project.train("cat")  # adapter mode's default: a fresh start from the pretrained model
+    assert third.parent_id is None and not TrainConfig().warm_start and TrainConfig(mode="full").warm_start
 
 
 def test_search_by_image_and_by_text(corpus, tmp_path):
