@@ -53,7 +53,7 @@ with st.expander("Advanced", icon=":material/tune:"):
         value=defaults.aux_weight,
         step=0.01,
         key=AUX_WEIGHT,
-        help="Weight of the ImageNet pseudo-label loss that splits the background (paper: 0.1).",
+        help="Weight of the ImageNet pseudo-label loss that splits the background. Default 0.04 (measured best on clip art; the paper used 0.1).",
     )
     epochs = right.number_input("Epochs", min_value=1, max_value=200, value=int(defaults.epochs), step=1, key=f"{EPOCHS}-{mode}")
 
