@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import copy
 import os
-import shutil
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -45,7 +44,7 @@ from .imageio import ImageRejected, load_rgb, to_tensor_uint8
 from .progress import CancelToken, ProgressFn, RateMeter, check, report
 from .shards import finished_shards, merge_lock, merge_shard, remove_partials, shard_dir, write_shard
 from .store import Store
-from .versions import VersionScores, read_version, version_dir
+from .versions import VersionScores, VersionWriter, read_version
 
 
 @dataclass
@@ -367,28 +366,16 @@ def rescore_version(
     """
     if engine not in ("local", "ray"):
         raise ValueError(f"unknown engine {engine!r}; use 'local' or 'ray'")
-    ids = np.asarray(ids, dtype=np.int64)
-    final = version_dir(scores_dir, model_id)
-    tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    np.save(tmp / "ids.npy", ids)
-    open_memmap = np.lib.format.open_memmap
-    embeddings = open_memmap(tmp / "embeddings.npy", mode="w+", dtype=np.float16, shape=(len(ids), model.embedding_dim))
-    scores = open_memmap(tmp / "scores.npy", mode="w+", dtype=np.float32, shape=(len(ids), len(model.categories)))
+    writer = VersionWriter(scores_dir, model_id, ids, model.embedding_dim, len(model.categories))
+    ids = writer.ids
     if engine == "ray":
-        chunks = _chunks_on_ray(model, inputs, ids, chunk_rows, tmp, ray_config or RayConfig(), cancel)
+        chunks = _chunks_on_ray(model, inputs, ids, chunk_rows, writer.folder, ray_config or RayConfig(), cancel)
     else:
         chunks = _chunks_local(model, inputs, ids, chunk_rows, device, cancel)
     done = 0
     for start, chunk_embeddings, chunk_scores in chunks:
-        embeddings[start : start + len(chunk_scores)] = chunk_embeddings
-        scores[start : start + len(chunk_scores)] = chunk_scores
+        writer.write(start, chunk_embeddings, chunk_scores)
         done += len(chunk_scores)
         report(progress, done, len(ids), "scoring")
-    embeddings.flush()
-    scores.flush()
-    del embeddings, scores
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    writer.commit()
     return read_version(scores_dir, model_id, list(model.categories))
