@@ -106,6 +106,15 @@ class StoreError(ValueError):
     """Bad request against the store (unknown category, unknown image, ...)."""
 
 
+class UndoConflict(StoreError):
+    """The decision to undo is no longer its image's current label: someone changed it since."""
+
+    def __init__(self, message: str, image_id: int, changed_by: str):
+        super().__init__(message)
+        self.image_id = image_id
+        self.changed_by = changed_by
+
+
 @dataclass(frozen=True)
 class LabelEvent:
     id: int
@@ -411,6 +420,12 @@ class Store:
         """Current label per image id for one category ('positive' / 'negative')."""
         cid = self.category_id(category)
         rows = self.db.execute("SELECT image_id, value FROM current_labels WHERE category_id = ?", (cid,))
+        return {r[0]: r[1] for r in rows}
+
+    def label_authors(self, category: str) -> dict[int, str]:
+        """Who made the current label, per image id, for one category."""
+        cid = self.category_id(category)
+        rows = self.db.execute("SELECT image_id, author FROM current_labels WHERE category_id = ?", (cid,))
         return {r[0]: r[1] for r in rows}
 
     def label_table(self, category: str | None = None) -> list[sqlite3.Row]:
