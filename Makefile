@@ -6,6 +6,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO ?= projects/demo
 PORT ?= 8501
+# Loopback only; a team server keeps this and puts a sign-in proxy in front (docs/deploy.md).
+ADDRESS ?= 127.0.0.1
 
 .PHONY: install app demo test bench-embed lint system-deps
 
@@ -22,7 +24,7 @@ demo: install
 	$(PY) -m bgminer demo $(DEMO)
 
 app: demo
-	BGMINER_PROJECT=$(DEMO) $(VENV)/bin/streamlit run app.py --server.port $(PORT) --server.headless true
+	BGMINER_PROJECT=$(DEMO) $(VENV)/bin/streamlit run app.py --server.address $(ADDRESS) --server.port $(PORT) --server.headless true
 
 # Chromium + chromedriver for the browser end-to-end test (Debian packages; needs root).
 system-deps:

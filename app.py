@@ -1,7 +1,9 @@
-"""bgminer web app entry: navigation over the five task pages and the shared sidebar
-(project picker, active category, active model version, live job panel).
+"""bgminer web app entry: refuses to serve where it would be unsafe, signs the visitor in, then
+navigation over the five task pages and the shared sidebar (who you are, project picker,
+active category, active model version, live job panel).
 
-Run with ``streamlit run app.py`` (``BGMINER_PROJECT=folder`` preselects a project).
+Run with ``streamlit run app.py``; settings come from ``BGMINER_*`` variables or bgminer.toml
+(see docs/deploy.md). ``BGMINER_PROJECT`` (a project name or folder) preselects a project.
 """
 
 from __future__ import annotations
@@ -12,16 +14,28 @@ from pathlib import Path
 import streamlit as st
 
 from app_pages import common
+from app_pages.text import code, md_escape
 from bgminer.cli import build_demo_project
 from bgminer.project import Project
+from bgminer.settings import Settings, SettingsError, serving_problem
 
 STYLE = Path(__file__).parent / "assets" / "style.css"
 ACTIVE_JOB_IDS = "jobs_active_ids"  # session: jobs seen running at the last panel refresh
-PROJECT_INPUT = "project_path_input"
+PROJECT_SELECT = "project_select"
+NEW_PROJECT = "project_new_slug"
 
 st.set_page_config(page_title="bgminer", page_icon="🔎", layout="wide")
+try:
+    settings = common.settings()
+except SettingsError as exc:
+    st.error(md_escape(exc), icon=":material/error:")
+    st.stop()
+if problem := serving_problem(st.get_option("server.address"), settings):
+    st.error(problem, icon=":material/gpp_bad:")
+    st.stop()
 if STYLE.exists():
     st.html(f"<style>{STYLE.read_text()}</style>")
+user = common.require_user()
 
 navigation = st.navigation(
     [
@@ -40,46 +54,93 @@ def _open(root: str) -> None:
     st.session_state.pop(ACTIVE_JOB_IDS, None)
 
 
-def _on_open() -> None:
-    _open(st.session_state[PROJECT_INPUT].strip())
+def _on_select() -> None:
+    _open(st.session_state[PROJECT_SELECT])
 
 
 def _on_create() -> None:
-    root = st.session_state[PROJECT_INPUT].strip()
+    """Create the project named in the slug box (admins only) and open it."""
+    slug = st.session_state.get(NEW_PROJECT, "").strip()
     try:
+        if not common.is_admin():
+            raise PermissionError("only an admin may create projects")
+        root = settings.project_path(slug)
         Project.create(root)
     except common.BAD_INPUT as exc:
-        st.session_state["project_error"] = f"Could not create a project in `{root}`: {exc}"
+        st.session_state["project_error"] = f"Could not create project {code(slug)}: {md_escape(exc)}"
         return
-    _open(root)
+    st.session_state[NEW_PROJECT] = ""
+    _open(str(root))
 
 
 def _on_build_demo(root: str) -> None:
-    project = common.open_project(Project.create(root).root)
-    common.job_runner(project).start("demo", lambda progress, cancel: build_demo_project(project.root, progress=progress).info(), {})
+    if not common.is_admin():
+        st.session_state["project_error"] = "Only an admin may build the demo project."
+        return
+    try:
+        project = common.open_project(Project.create(root).root)
+        common.job_runner(project).start("demo", lambda progress, cancel: build_demo_project(project.root, progress=progress).info(), {})
+    except (*common.BAD_INPUT, RuntimeError) as exc:
+        st.session_state["project_error"] = f"Could not build the demo: {md_escape(exc)}"
 
 
-def project_picker() -> Project | None:
-    root = common.project_root()
-    st.session_state.setdefault(PROJECT_INPUT, root)
-    st.text_input("Project folder", key=PROJECT_INPUT, help="A folder on the server; each project is one folder.")
-    with st.container(horizontal=True, gap="small"):
-        st.button("Open", icon=":material/folder_open:", on_click=_on_open, key="project_open")
-        st.button("Create new", icon=":material/create_new_folder:", on_click=_on_create, key="project_create")
+def project_name(config: Settings, root: str) -> str:
+    """How the picker shows a project: its name inside the projects folder, else its name and folder."""
+    path = Path(root)
+    return path.name if path.parent == config.projects_root else f"{path.name} ({path.parent})"
+
+
+def project_picker(config: Settings, admin: bool) -> Project | None:
+    """Pick among the projects in the projects folder (plus the operator's ``BGMINER_PROJECT``);
+    admins create new ones by name. The browser never names a folder."""
+    try:
+        root = common.project_root()
+    except SettingsError as exc:
+        st.error(md_escape(exc), icon=":material/folder_off:")
+        return None
+    listed = [str(config.project_path(slug)) for slug in config.list_projects()]
+    st.session_state[PROJECT_SELECT] = root
+    st.selectbox(
+        "Project",
+        listed if root in listed else [root, *listed],
+        key=PROJECT_SELECT,
+        format_func=lambda r: project_name(config, r),
+        on_change=_on_select,
+        help=f"The projects in {config.projects_root}",
+    )
+    if admin:
+        with st.expander("New project", icon=":material/create_new_folder:"):
+            st.text_input("Name", key=NEW_PROJECT, placeholder="birds-2026", help="Lower-case letters, digits and dashes.")
+            st.button("Create", icon=":material/add:", on_click=_on_create, key="project_create")
     if error := st.session_state.pop("project_error", None):
         st.error(error)
     project = common.current_project()
     if project is None:
-        st.warning(f"`{root}` is not a bgminer project yet.", icon=":material/folder_off:")
-        st.button(
-            "Build the demo project here",
-            icon=":material/auto_awesome:",
-            key="project_build_demo",
-            on_click=_on_build_demo,
-            args=(root,),
-            help="Creates the project and ingests + embeds the bundled demo images (a background job).",
-        )
+        st.warning(f"{code(project_name(config, root))} is not a bgminer project yet.", icon=":material/folder_off:")
+        if admin:
+            st.button(
+                "Build the demo project here",
+                icon=":material/auto_awesome:",
+                key="project_build_demo",
+                on_click=_on_build_demo,
+                args=(root,),
+                help="Creates the project and ingests + embeds the bundled demo images (a background job).",
+            )
+        else:
+            st.caption("Ask an admin to create a project.")
     return project
+
+
+def identity(config: Settings, user: str, admin: bool) -> None:
+    """Who the decisions of this session are recorded as."""
+    role = " (admin)" if admin else ""
+    if not config.signed_in:
+        st.caption(f"Local user {md_escape(user)}{role} · no sign-in, this machine only")
+        return
+    with st.container(horizontal=True, vertical_alignment="center", key="signed-in"):
+        st.caption(f"Signed in as {md_escape(user)}{role}")
+        if config.auth == "oidc":
+            st.button("Sign out", icon=":material/logout:", type="tertiary", on_click=st.logout, key="sign_out")
 
 
 def category_picker(project: Project) -> None:
@@ -112,7 +173,7 @@ def job_panel(project: Project) -> None:
         st.rerun()  # a job finished: refresh the page's counts, tables and the panel's pace
     st.markdown("**Jobs**")
     for job in active:
-        st.progress(min(max(job.progress, 0.0), 1.0), text=f"{job.kind} #{job.id}: {job.message or job.state}")
+        st.progress(min(max(job.progress, 0.0), 1.0), text=f"{job.kind} #{job.id}: {md_escape(job.message or job.state)}")
         eta = common.eta_seconds(job)
         with st.container(horizontal=True, vertical_alignment="center"):
             st.caption(f"ETA {common.format_seconds(eta)}" if eta is not None else "starting…")
@@ -132,7 +193,7 @@ def job_panel(project: Project) -> None:
         last = finished[0]
         text = f"{last.kind} #{last.id} {last.state}"
         if last.state == "failed":
-            st.error(f"{text}: {last.error}", icon=":material/error:")
+            st.error(f"{text}: {md_escape(last.error)}", icon=":material/error:")
         elif last.state == "cancelled":
             st.caption(f":orange[{text}]")
         else:
@@ -141,7 +202,9 @@ def job_panel(project: Project) -> None:
 
 with st.sidebar:
     st.title("bgminer", anchor=False)
-    project = project_picker()
+    admin = settings.is_admin(user)
+    identity(settings, user, admin)
+    project = project_picker(settings, admin)
     if project is not None:
         st.divider()
         category_picker(project)

@@ -1,5 +1,6 @@
-"""Pieces every page shares: the open project and its job runner (cached per folder), the
-active category, labeling with auto-retrain, background-job launchers and the thumbnail card.
+"""Pieces every page shares: the settings and the signed-in person, the open project and its
+job runner (cached per folder), the active category, labeling with auto-retrain,
+background-job launchers and the thumbnail card.
 
 Durable state lives in the project's store; this module only keeps UI state in
 ``st.session_state`` under the names in :data:`STATE_KEYS`. No ML logic here: every
@@ -10,18 +11,23 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import streamlit as st
+from streamlit.runtime.context import StreamlitHeaders
 
-from bgminer.jobs import JobRunner
+from app_pages.text import md_escape
+from bgminer.jobs import JobLimitError, JobRunner
 from bgminer.progress import CancelToken, ProgressFn
 from bgminer.project import Project, ProjectError
+from bgminer.settings import Settings, SettingsError, clean_identity, load_settings, local_user
 from bgminer.store import JobRecord, StoreError
+from bgminer.train import TrainConfig
 
-DEFAULT_PROJECT = "projects/demo"
+DEMO_SLUG = "demo"
 PAGES = {
     "corpus": "app_pages/corpus.py",
     "find": "app_pages/find.py",
@@ -35,7 +41,59 @@ CATEGORY = "category"  # active category (the sidebar selectbox writes it)
 STATE_KEYS = (PROJECT_ROOT, CATEGORY)
 AUTO_RETRAIN_META = "ui.auto_retrain_after"  # store meta: retrain after this many new labels (0 = off)
 LABEL_ICONS = {"positive": ":material/thumb_up:", "negative": ":material/thumb_down:"}
-BAD_INPUT = (ProjectError, StoreError, ValueError, OSError)
+BAD_INPUT = (ProjectError, StoreError, SettingsError, ValueError, OSError)
+
+
+# -- settings + people --------------------------------------------------------------------
+@st.cache_resource(show_spinner=False)
+def _load_settings(environment: tuple[tuple[str, str], ...]) -> Settings:
+    return load_settings(dict(environment))
+
+
+def settings() -> Settings:
+    """The server's settings (``BGMINER_*`` and bgminer.toml), loaded once per environment."""
+    return _load_settings(tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("BGMINER_"))))
+
+
+def resolve_user(config: Settings, headers: StreamlitHeaders, user_info: Mapping[str, Any]) -> str | None:
+    """Who is signing this request: the OS user without sign-in, the proxy's identity header
+    (proxy mode only; refused when sent twice), or the OIDC e-mail (or subject) when logged in."""
+    if config.auth == "none":
+        return local_user()
+    if config.auth == "proxy":
+        values = headers.get_all(config.auth_header)
+        return clean_identity(values[0]) if len(values) == 1 else None
+    if not user_info.get("is_logged_in"):
+        return None
+    return clean_identity(str(user_info.get("email") or user_info.get("sub") or ""))
+
+
+def current_user() -> str | None:
+    """The signed-in person of this session (None when sign-in is on and nobody is signed in)."""
+    return resolve_user(settings(), st.context.headers, st.user.to_dict())
+
+
+def is_admin() -> bool:
+    """Whether the current person may add data, create projects, train freely and export."""
+    return settings().is_admin(current_user())
+
+
+def require_user() -> str:
+    """The signed-in person, or stop the page with how to sign in."""
+    user = current_user()
+    if user is not None:
+        return user
+    config = settings()
+    if config.auth == "proxy":
+        st.error(
+            f"Not signed in: no {md_escape(config.auth_header)} header: is the proxy in front? "
+            "Open bgminer through the sign-in proxy (see docs/deploy.md).",
+            icon=":material/lock:",
+        )
+    else:
+        st.info("bgminer is shared: sign in to browse, search and label.", icon=":material/lock:")
+        st.button("Sign in", icon=":material/login:", type="primary", on_click=st.login, key="sign_in")
+    st.stop()
 
 
 # -- project + runner ---------------------------------------------------------------------
@@ -54,16 +112,23 @@ def _job_runner(root: str) -> JobRunner:
 
 
 def initial_project_root() -> str:
-    return os.environ.get("BGMINER_PROJECT") or DEFAULT_PROJECT
+    """The folder shown first: ``BGMINER_PROJECT``, else the first project listed, else the demo's
+    slot in the projects folder. Raises SettingsError for a folder outside ``BGMINER_PROJECTS_DIR``."""
+    config = settings()
+    return str(config.initial_project() or config.project_path(DEMO_SLUG))
 
 
 def project_root() -> str:
-    return st.session_state.setdefault(PROJECT_ROOT, initial_project_root())
+    """The open project's folder (raises SettingsError when the operator's project is refused)."""
+    if PROJECT_ROOT not in st.session_state:
+        st.session_state[PROJECT_ROOT] = initial_project_root()
+    return st.session_state[PROJECT_ROOT]
 
 
 def open_project(root: str | Path) -> Project:
-    """The cached :class:`Project` for a folder; raises ProjectError when it is not one."""
-    return _open_project(str(Path(root).expanduser().resolve()))
+    """The cached :class:`Project` for a folder; raises ProjectError when it is not one and
+    SettingsError when it lies outside ``BGMINER_PROJECTS_DIR``."""
+    return _open_project(str(settings().check_project_folder(root)))
 
 
 def current_project() -> Project | None:
@@ -82,8 +147,8 @@ def require_project() -> Project:
     project = current_project()
     if project is None:
         st.info(
-            f"No project is open. `{project_root()}` is not a bgminer project yet: "
-            "create it, build the demo, or open another folder in the sidebar.",
+            "No project is open: pick one in the sidebar"
+            + (", create one or build the demo." if is_admin() else ", or ask an admin to create one."),
             icon=":material/folder_open:",
         )
         st.stop()
@@ -141,16 +206,29 @@ def labels_since_model(project: Project, category: str) -> int | None:
 
 
 def apply_label(project: Project, category: str, image_ids: Sequence[int], value: str, source: str = "user") -> None:
-    """Write a decision (durable on return), then retrain in the background if the user asked for it."""
-    project.label(category, list(image_ids), value, source=source)
+    """Write the current person's decision (durable on return), then retrain in the background if
+    the project asks for it (skipped while a limit refuses it: a later label retries)."""
+    project.label(category, list(image_ids), value, source=source, author=_author())
     every = auto_retrain_after(project)
     fresh = labels_since_model(project, category)
     if every > 0 and fresh is not None and fresh >= every and not active_jobs(project, "train"):
-        start_training(project, category)
+        try:
+            start_training(project, category)
+        except JobLimitError:
+            pass
 
 
 def undo_label(project: Project, category: str):
-    return project.undo(category)
+    """Undo the current person's latest decision in ``category`` (None when there is none).
+    Raises :class:`bgminer.store.UndoConflict` when someone else changed that image since."""
+    return project.undo(category, author=_author())
+
+
+def _author() -> str:
+    user = current_user()
+    if user is None:
+        raise PermissionError("sign in first: decisions are recorded with who made them")
+    return user
 
 
 # -- background jobs ----------------------------------------------------------------------
@@ -185,14 +263,28 @@ def start_ingest(project: Project, sources: Sequence[str | Path]) -> int:
     return job_runner(project).start("ingest", work, {"sources": sources})
 
 
-def start_training(project: Project, category: str, config: Any = None) -> int:
-    from dataclasses import asdict
+def check_training_allowed(config: TrainConfig) -> None:
+    """Raise :class:`JobLimitError` when a non-admin asks for a round beyond ``BGMINER_USER_MODES``
+    or ``BGMINER_USER_MAX_EPOCHS``; admins (and the local user without sign-in) may train freely."""
+    if is_admin():
+        return
+    limits = settings().limits
+    if config.mode not in limits.user_modes:
+        raise JobLimitError(f"only an admin may train in {config.mode} mode (allowed: {', '.join(limits.user_modes) or 'none'})")
+    if (config.epochs or 0) > limits.user_max_epochs:
+        raise JobLimitError(f"only an admin may train more than {limits.user_max_epochs} epochs (asked for {config.epochs})")
+
+
+def start_training(project: Project, category: str, config: TrainConfig | None = None) -> int:
+    """One training round as a background job, within the caps on what a non-admin may start."""
+    config = config or TrainConfig()
+    check_training_allowed(config)
 
     def work(progress: ProgressFn, cancel: CancelToken) -> Any:
         record = project.train(category, config, progress=progress, cancel=cancel)
         return {"model_id": record.id, "state": record.state}
 
-    params = {"category": category, "config": asdict(config) if config is not None else None}
+    params = {"category": category, "config": asdict(config)}
     return job_runner(project).start("train", work, params)
 
 
@@ -218,12 +310,15 @@ def thumbnail_card(
     current: str | None,
     key: str,
     on_more_like_this: Callable[[int], None] | None = None,
+    labeled_by: str | None = None,
 ) -> None:
-    """One grid cell: square thumbnail, caption, and positive / negative / more-like-this buttons."""
+    """One grid cell: square thumbnail, caption (with who labeled it, when that was someone
+    else: ``labeled_by``), and positive / negative / more-like-this buttons."""
     with st.container(border=True, key=f"card-{key}-{image_id}"):
         st.image(str(project.thumbnail(image_id)), width="stretch")
         badge = {"positive": " · :green[positive]", "negative": " · :red[negative]"}.get(current or "", "")
-        st.caption(f"{caption}{badge}")
+        by = f"  \nby {md_escape(labeled_by)}" if badge and labeled_by else ""  # a second line: whose label it is
+        st.caption(f"{caption}{badge}{by}")
         if category is None and on_more_like_this is None:
             return
         with st.container(horizontal=True, gap="small"):
@@ -233,7 +328,7 @@ def thumbnail_card(
                         "",
                         icon=icon,
                         key=f"{key}-{value}-{image_id}",
-                        help=f"Label {value} for {category}",
+                        help=f"Label {value} for {md_escape(category)}",
                         type="primary" if current == value else "secondary",
                         on_click=apply_label,
                         args=(project, category, [image_id], "cleared" if current == value else value),
@@ -257,11 +352,14 @@ def thumbnail_grid(
     columns: int = 6,
     on_more_like_this: Callable[[int], None] | None = None,
 ) -> None:
-    """A grid of :func:`thumbnail_card` for ``(image_id, caption)`` pairs."""
+    """A grid of :func:`thumbnail_card` for ``(image_id, caption)`` pairs; a label someone else
+    made shows who made it."""
     labels = project.store.labels(category) if category is not None else {}
+    me = current_user()
+    others = {i: a for i, a in project.store.label_authors(category).items() if a != me} if category is not None else {}
     with st.container(key=f"grid-{key}"):
         for start in range(0, len(items), columns):
             cells = st.columns(columns)
             for cell, (image_id, caption) in zip(cells, items[start : start + columns]):
                 with cell:
-                    thumbnail_card(project, category, image_id, caption, labels.get(image_id), key, on_more_like_this)
+                    thumbnail_card(project, category, image_id, caption, labels.get(image_id), key, on_more_like_this, others.get(image_id))

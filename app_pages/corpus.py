@@ -3,28 +3,28 @@ and page through the corpus as thumbnails."""
 
 from __future__ import annotations
 
-import io
 import os
-import time
 from pathlib import Path
 
 import pandas as pd
 import streamlit as st
 
 from app_pages import common
-from bgminer.corpus import IngestError, extract_zip
-from bgminer.imageio import ImageRejected, read_image
+from app_pages.text import code, md_escape
+from bgminer.settings import MiB, OutsideDataRoots
+from bgminer.uploads import save_uploads
 
-UPLOAD_LIMIT_MB = 200
 IMAGE_TYPES = ["jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"]
 GRID_COLUMNS = 6
 GRID_ROWS = 4
 FOLDER_INPUT = "corpus_folder"
 UPLOADER = "corpus_upload"
 GRID_PAGE = "corpus_grid_page"
+REFUSALS_SHOWN = 20  # refused uploads listed one by one
 
 project = common.require_project()
 store = project.store
+config = common.settings()
 
 st.header("Corpus", anchor=False)
 st.caption("The images bgminer searches. Files stay where they are; only uploads are copied into the project.")
@@ -43,89 +43,82 @@ if running:
 def start(sources: list[str | Path]) -> None:
     try:
         job_id = common.start_ingest(project, sources)
-    except RuntimeError as exc:  # one ingest job at a time
-        st.warning(str(exc))
+    except (RuntimeError, *common.BAD_INPUT) as exc:  # a job limit, or the project is busy
+        st.warning(md_escape(exc))
         return
     st.success(f"Started job #{job_id}: ingest + embed. Follow it in the sidebar.", icon=":material/rocket_launch:")
 
 
-def folder_problem(path: Path) -> str | None:
-    """Why a server-side path cannot be ingested (None when it can)."""
+def folder_problem(raw: str) -> str | None:
+    """Why a server-side path cannot be ingested (None when it can), as Markdown. Outside the data
+    roots nothing about the path is looked at, so the answer is the same whether it exists or not."""
+    try:
+        path = config.check_data_source(raw)
+    except OutsideDataRoots:
+        roots = ", ".join(code(r) for r in config.data_roots)
+        return f"{code(raw)} is outside the data roots ({roots}); only folders inside them can be added. Nothing was read."
     if not path.exists():
-        return f"`{path}` does not exist on the server."
+        return f"{code(raw)} does not exist on the server."
     if path.is_file() and path.suffix.lower() not in (".zip", ".csv"):
-        return f"`{path}` is a file; give a folder, a .zip archive or a .csv list."
+        return f"{code(raw)} is a file; give a folder, a .zip archive or a .csv list."
     if not os.access(path, os.R_OK | (os.X_OK if path.is_dir() else 0)):
-        return f"`{path}` is not readable by the server (permission denied)."
+        return f"{code(raw)} is not readable by the server (permission denied)."
     return None
 
 
-def save_upload(name: str, data: bytes, target: Path) -> Path:
-    """Check one uploaded file and save it under ``target``; a .zip is unpacked (its folder is
-    returned). Raises ValueError with a message for the user; nothing is kept on refusal."""
-    if len(data) > UPLOAD_LIMIT_MB * 1024 * 1024:
-        raise ValueError(f"{name}: {len(data) / 2**20:.0f} MB is over the {UPLOAD_LIMIT_MB} MB upload limit.")
-    if not name.lower().endswith(".zip"):
-        try:
-            read_image(io.BytesIO(data))
-        except ImageRejected as exc:
-            raise ValueError(f"{name}: not a usable image ({exc}).") from exc
-    target.mkdir(parents=True, exist_ok=True)
-    path = target / name
-    path.write_bytes(data)
-    if not name.lower().endswith(".zip"):
-        return path
-    try:
-        return extract_zip(path, project.uploads_dir)
-    except IngestError as exc:
-        raise ValueError(str(exc)) from exc
-    finally:
-        path.unlink()
+def add_uploads(files: list) -> None:
+    """Store the uploaded files by content (zips unpacked) within the upload limits, then ingest them."""
+    with st.spinner("Checking uploads…"):
+        result = save_uploads(project.uploads_dir, [(f.name, f) for f in files], config.limits)
+    if result.refused:
+        lines = [f"- {md_escape(name)}: {md_escape(reason)}" for name, reason in result.refused[:REFUSALS_SHOWN]]
+        if len(result.refused) > REFUSALS_SHOWN:
+            lines.append(f"- and {len(result.refused) - REFUSALS_SHOWN:,} more")
+        st.error(f"Refused {len(result.refused):,} of {len(files):,} files (nothing of them was kept):\n" + "\n".join(lines), icon=":material/block:")
+    if result.saved:
+        start(result.saved)
 
 
-add_folder, add_upload = st.tabs(["Server folder", "Upload files or .zip"])
-with add_folder:
-    with st.form("corpus_folder_form", border=False):
-        st.text_input(
-            "Folder on the server",
-            key=FOLDER_INPUT,
-            placeholder="/data/camera-trap/2024",
-            help="Searched recursively. A .zip archive or a .csv list of paths works too.",
-        )
-        submitted = st.form_submit_button("Add folder", icon=":material/create_new_folder:", type="primary", key="corpus_add_folder")
-    if submitted:
-        raw = st.session_state[FOLDER_INPUT].strip()
-        if not raw:
-            st.error("Type a folder path first.")
-        elif problem := folder_problem(Path(raw).expanduser()):
-            st.error(problem, icon=":material/folder_off:")
-        else:
-            start([Path(raw).expanduser().resolve()])
+if not common.is_admin():
+    st.caption(f"Adding images is for admins (the people in {code('BGMINER_ADMINS')}); ask one to add a folder or upload files.")
+else:
+    add_folder, add_upload = st.tabs(["Server folder", "Upload files or .zip"])
+    with add_folder:
+        with st.form("corpus_folder_form", border=False):
+            st.text_input(
+                "Folder on the server",
+                key=FOLDER_INPUT,
+                placeholder="/data/camera-trap/2024",
+                help="Searched recursively. A .zip archive or a .csv list of paths works too."
+                + (f" Only folders inside the data roots ({code('BGMINER_DATA_ROOTS')}) can be added." if config.data_roots else ""),
+            )
+            submitted = st.form_submit_button("Add folder", icon=":material/create_new_folder:", type="primary", key="corpus_add_folder")
+        if submitted:
+            raw = st.session_state[FOLDER_INPUT].strip()
+            if not raw:
+                st.error("Type a folder path first.")
+            elif problem := folder_problem(raw):
+                st.error(problem, icon=":material/folder_off:")
+            else:
+                start([config.check_data_source(raw)])
 
-with add_upload:
-    with st.form("corpus_upload_form", border=False, clear_on_submit=True):
-        files = st.file_uploader(
-            "Images or .zip archives",
-            type=IMAGE_TYPES + ["zip"],
-            accept_multiple_files=True,
-            key=UPLOADER,
-            max_upload_size=UPLOAD_LIMIT_MB,
-        )
-        submitted = st.form_submit_button("Add uploaded files", icon=":material/upload:", type="primary", key="corpus_add_upload")
-    if submitted:
-        if not files:
-            st.error("Choose one or more image files or a .zip archive first.")
-        else:
-            target = project.uploads_dir / "web" / time.strftime("%Y%m%d-%H%M%S")
-            saved: list[Path] = []
-            with st.spinner("Checking uploads…"):
-                for upload in files:
-                    try:
-                        saved.append(save_upload(Path(upload.name).name, upload.getvalue(), target))
-                    except ValueError as exc:
-                        st.error(str(exc), icon=":material/block:")
-            if saved:
-                start(saved)
+    with add_upload:
+        limits = config.limits
+        with st.form("corpus_upload_form", border=False, clear_on_submit=True):
+            files = st.file_uploader(
+                "Images or .zip archives",
+                type=IMAGE_TYPES + ["zip"],
+                accept_multiple_files=True,
+                key=UPLOADER,
+                max_upload_size=max(1, limits.upload_file_bytes // MiB),
+                help=f"Up to {limits.upload_submit_files:,} files and {limits.upload_submit_bytes / MiB:,.0f} MB per submit.",
+            )
+            submitted = st.form_submit_button("Add uploaded files", icon=":material/upload:", type="primary", key="corpus_add_upload")
+        if submitted:
+            if not files:
+                st.error("Choose one or more image files or a .zip archive first.")
+            else:
+                add_uploads(files)
 
 st.subheader("Browse", anchor=False)
 total = store.image_count("ok")

@@ -11,6 +11,7 @@ from pathlib import Path
 import streamlit as st
 
 from app_pages import common
+from app_pages.text import code, md_escape
 from bgminer import export
 
 project = common.require_project()
@@ -45,16 +46,20 @@ def scores_csv() -> bytes:
         return path.read_bytes()
 
 
-st.header(f"Export · {category}", anchor=False)
+st.header(f"Export · {md_escape(category)}", anchor=False)
 counts = common.label_counts(project, category)
 cols = st.columns(3)
 cols[0].metric("Positives", counts["positive"])
 cols[1].metric("Negatives", counts["negative"])
 cols[2].metric("Model", "none" if model is None else f"v{model.id} · {model.mode}")
 
+if not common.is_admin():
+    st.caption(f"Exporting the model, labels and scores is for admins ({code('BGMINER_ADMINS')}).")
+    st.stop()
+
 st.subheader("Classifier", anchor=False)
 if model is None:
-    st.info(f"No trained model for **{category}** yet. Train one on the Train page to export it.", icon=":material/model_training:")
+    st.info(f"No trained model for **{md_escape(category)}** yet. Train one on the Train page to export it.", icon=":material/model_training:")
     st.page_link(common.PAGES["train"], label="Go to Train", icon=":material/arrow_forward:")
 else:
     st.download_button(
@@ -69,24 +74,24 @@ else:
     )
     st.caption(
         "One TorchScript file (`model.ts`: preprocessing + network, uint8 images of any size in, "
-        f"probabilities for {', '.join(model.categories)} out), its `metadata.json` (labels, config, metrics) "
+        f"probabilities for {', '.join(md_escape(c) for c in model.categories)} out), its `metadata.json` (labels, config, metrics) "
         "and the plain `state_dict.pt`."
     )
     st.code(
         f"""# With bgminer installed (same decoding as the app, whole folders at once):
 from bgminer.export import predict
-for path, scores in predict("{folder}", ["new-photos/"]):
-    print(path, scores["{category}"])
+for path, scores in predict({folder!r}, ["new-photos/"]):
+    print(path, scores[{category!r}])
 
 # With torch alone: model.ts takes uint8 RGB tensors [3, H, W] of any size
 # (composite transparent images onto white first, as the app does).
 import torch
 from torchvision.io import ImageReadMode, read_image
-model = torch.jit.load("{folder}/model.ts")
+model = torch.jit.load({folder + "/model.ts"!r})
 probs = model([read_image("photo.jpg", ImageReadMode.RGB)])   # [1, {len(model.categories)}], columns = model.categories""",
         language="python",
     )
-    st.caption("The command line does the same: `bgminer predict " + folder + " new-photos/ --json`.")
+    st.caption(f"The command line does the same: {code(f'bgminer predict {folder} new-photos/ --json')}.")
 
 st.subheader("Labels and scores", anchor=False)
 labeled = sum(sum(n.values()) for n in store.label_counts().values())

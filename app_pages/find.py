@@ -9,6 +9,7 @@ import pandas as pd
 import streamlit as st
 
 from app_pages import common
+from app_pages.text import code, md_escape
 from bgminer.imageio import ImageRejected, read_image
 
 RESULTS = 24
@@ -75,10 +76,10 @@ with st.expander("Categories", expanded=category is None, icon=":material/label:
         st.button("Create category", icon=":material/add:", on_click=create_category, key="find_create_category")
     with right:
         if category is not None:
-            st.text_input(f"Rename `{category}` to", key=RENAME_TO)
+            st.text_input(f"Rename {code(category)} to", key=RENAME_TO)
             st.button("Rename", icon=":material/edit:", on_click=rename_category, args=(category,), key="find_rename_category")
     if error := st.session_state.pop("find_category_error", None):
-        st.error(error)
+        st.error(md_escape(error))
     counts = store.label_counts()
     if counts:
         table = [{"category": c, "positive": n.get("positive", 0), "negative": n.get("negative", 0)} for c, n in counts.items()]
@@ -89,7 +90,7 @@ if category is None:
 else:
     n = common.label_counts(project, category)
     cols = st.columns(3)
-    cols[0].metric(f"Positives · {category}", n["positive"])
+    cols[0].metric(f"Positives · {md_escape(category)}", n["positive"])
     cols[1].metric("Negatives", n["negative"])
     with cols[2]:
         if n["positive"] == 0:
@@ -118,7 +119,7 @@ elif mode == "text":
     if query.strip():
         classes, candidates = project.search_text(query.strip(), n=RESULTS)
         if classes:
-            shown = ", ".join(f"`{c}`" for c in classes[:MAX_CLASSES_SHOWN])
+            shown = ", ".join(code(c) for c in classes[:MAX_CLASSES_SHOWN])
             more = f" and {len(classes) - MAX_CLASSES_SHOWN} more" if len(classes) > MAX_CLASSES_SHOWN else ""
             st.caption(f"Matched {len(classes)} ImageNet classes: {shown}{more}")
         else:
@@ -131,7 +132,7 @@ elif mode == "upload":
         try:
             read_image(io.BytesIO(data))
         except ImageRejected as exc:
-            st.error(f"{upload.name} is not a usable image ({exc}).", icon=":material/block:")
+            st.error(f"{md_escape(upload.name)} is not a usable image ({md_escape(exc)}).", icon=":material/block:")
         else:
             left, right = st.columns([1, 5])
             left.image(data, caption="your example", width="stretch")

@@ -11,8 +11,10 @@ import pandas as pd
 import streamlit as st
 
 from app_pages import common
+from app_pages.text import code, md_escape
 from bgminer.imageio import ImageRejected, load_rgb, make_thumbnail
 from bgminer.rank import STRATEGIES
+from bgminer.store import UndoConflict
 
 QUEUE_SIZE = 50
 STRIP = 8
@@ -48,6 +50,7 @@ STRATEGY = "review_strategy"
 VIEW = "review_view"
 QUEUE = "review_queue"  # session: ReviewQueue for the current (project, category, strategy, model)
 SKIPPED = "review_skipped"  # session: {(project, category): set of skipped image ids}
+NOTICES = "review_notices"  # session: Markdown lines to toast on the next run
 # Keys: visible button, then a hidden twin so both documented keys work.
 KEYS = {"positive": ("a", "y"), "negative": ("x", "n"), "skip": ("space", "s"), "undo": ("backspace", "u")}
 
@@ -101,8 +104,26 @@ def queue() -> ReviewQueue:
     return st.session_state[QUEUE]
 
 
+def others_labels(image_ids: list[int]) -> dict[int, tuple[str, str]]:
+    """``{image_id: (label, author)}`` for those of ``image_ids`` whose current label someone else made."""
+    me = common.current_user()
+    labels, authors = store.labels(category), store.label_authors(category)
+    return {i: (labels[i], authors[i]) for i in image_ids if i in labels and authors.get(i) != me}
+
+
+def notify(message: str) -> None:
+    st.session_state.setdefault(NOTICES, []).append(message)
+
+
+def record(image_ids: list[int], value: str) -> None:
+    """Record this person's decision, saying so when someone else labeled one of the images meanwhile."""
+    for image_id, (previous, author) in others_labels(image_ids).items():
+        notify(f"{md_escape(author)} had labeled #{image_id} {previous} meanwhile; your {value} replaces it.")
+    common.apply_label(project, category, image_ids, value, source="review")
+
+
 def decide(image_id: int, value: str) -> None:
-    common.apply_label(project, category, [image_id], value, source="review")
+    record([image_id], value)
     drop(image_id)
 
 
@@ -118,12 +139,16 @@ def drop(image_id: int) -> None:
 
 
 def undo() -> None:
-    """Revert the newest label of this category and show that image again."""
-    event = common.undo_label(project, category)
-    if event is None:
-        st.session_state["review_notice"] = "Nothing to undo."
+    """Revert this person's newest decision in this category and show that image again."""
+    try:
+        event = common.undo_label(project, category)
+    except UndoConflict as exc:  # someone else's newer decision is never overwritten
+        notify(md_escape(exc))
         return
-    st.session_state["review_notice"] = f"Undid {event.value} on #{event.image_id}."
+    if event is None:
+        notify("Nothing of yours to undo.")
+        return
+    notify(f"Undid {event.value} on #{event.image_id}.")
     q = st.session_state.get(QUEUE)
     if q is not None and all(c.image_id != event.image_id for c in q.items):
         from bgminer.project import Candidate
@@ -135,9 +160,9 @@ def save_grid(image_ids: list[int]) -> None:
     positives = [i for i in image_ids if st.session_state.get(f"review-grid-{i}")]
     negatives = [i for i in image_ids if i not in positives]
     if positives:
-        common.apply_label(project, category, positives, "positive", source="review")
+        record(positives, "positive")
     if negatives:
-        common.apply_label(project, category, negatives, "negative", source="review")
+        record(negatives, "negative")
     for i in image_ids:
         drop(i)
         st.session_state.pop(f"review-grid-{i}", None)
@@ -147,10 +172,12 @@ def score_text(score: float | None) -> str:
     return "" if score is None else f"score {score:.3f}"
 
 
-st.header(f"Review · {category}", anchor=False)
+st.header(f"Review · {md_escape(category)}", anchor=False)
+for notice in st.session_state.pop(NOTICES, []):  # before any early stop: undoing the last seed still says so
+    st.toast(notice)
 if model is None and counts["positive"] == 0:
     st.info(
-        f"Nothing to rank yet: label a few **{category}** positives on the Find page, then train a model.",
+        f"Nothing to rank yet: label a few **{md_escape(category)}** positives on the Find page, then train a model.",
         icon=":material/thumb_up:",
     )
     st.page_link(common.PAGES["find"], label="Go to Find", icon=":material/arrow_forward:")
@@ -195,10 +222,8 @@ with main:
     try:
         q = queue()
     except ValueError as exc:  # the engine explains what it needs (e.g. a model for this strategy)
-        st.warning(str(exc))
+        st.warning(md_escape(exc))
         st.stop()
-    if notice := st.session_state.pop("review_notice", None):
-        st.toast(notice)
     if not q.items:
         st.success("The queue is empty: every candidate of this strategy is labeled. Retrain or pick another strategy.", icon=":material/done_all:")
         st.button("Undo last", icon=":material/undo:", on_click=undo, shortcut="Backspace", key="review-undo-empty")
@@ -209,10 +234,10 @@ with main:
         with st.container(key="review-current", border=True):
             image = preview(head.path)
             if image is None:
-                st.error(f"#{head.image_id} can no longer be read from `{head.path}`; skip it.")
+                st.error(f"#{head.image_id} can no longer be read from {code(head.path)}; skip it.")
             else:
                 st.image(image, width="content")
-            st.caption(f"#{head.image_id} · {score_text(head.score)} · {len(q.items)} in queue · `{head.path}`")
+            st.caption(f"#{head.image_id} · {score_text(head.score)} · {len(q.items)} in queue · {code(head.path)}")
         actions = {
             "positive": ("Positive", ":material/thumb_up:", "primary", decide, (head.image_id, "positive")),
             "negative": ("Negative", ":material/thumb_down:", "secondary", decide, (head.image_id, "negative")),

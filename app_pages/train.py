@@ -9,6 +9,7 @@ import pandas as pd
 import streamlit as st
 
 from app_pages import common
+from app_pages.text import code, md_escape
 from bgminer.model import MODES
 from bgminer.train import TrainConfig
 
@@ -28,7 +29,8 @@ common.require_images(project)
 category = common.require_category(project)
 store = project.store
 
-st.header(f"Train · {category}", anchor=False)
+st.header(f"Train · {md_escape(category)}", anchor=False)
+admin = common.is_admin()
 counts = common.label_counts(project, category)
 model = store.active_model(category)
 fresh = common.labels_since_model(project, category)
@@ -39,32 +41,36 @@ cols[2].metric("Model", "none" if model is None else f"v{model.id}")
 cols[3].metric("New labels since model", "–" if fresh is None else fresh)
 
 if counts["positive"] == 0:
-    st.info(f"No positives for **{category}** yet. Label a few on the Find page, then train.", icon=":material/thumb_up:")
+    st.info(f"No positives for **{md_escape(category)}** yet. Label a few on the Find page, then train.", icon=":material/thumb_up:")
     st.page_link(common.PAGES["find"], label="Go to Find", icon=":material/arrow_forward:")
 
-with st.expander("Advanced", icon=":material/tune:"):
-    mode = st.selectbox("Mode", MODES, key=MODE, format_func=lambda m: f"{m} — {MODE_HELP[m]}")
-    defaults = TrainConfig(mode=mode)
-    left, right = st.columns(2)
-    aux_weight = left.number_input(
-        "Auxiliary loss weight",
-        min_value=0.0,
-        max_value=10.0,
-        value=defaults.aux_weight,
-        step=0.01,
-        key=AUX_WEIGHT,
-        help="Weight of the ImageNet pseudo-label loss that splits the background. Default 0.04 (measured best on clip art; the paper used 0.1).",
-    )
-    epochs = right.number_input("Epochs", min_value=1, max_value=200, value=int(defaults.epochs), step=1, key=f"{EPOCHS}-{mode}")
+config = TrainConfig()  # a non-admin's round: the defaults (start_training holds it to the caps)
+if not admin:
+    st.caption(f"Training uses the default settings; choosing the mode and epochs is for admins ({code('BGMINER_ADMINS')}).")
+else:
+    with st.expander("Advanced", icon=":material/tune:"):
+        mode = st.selectbox("Mode", MODES, key=MODE, format_func=lambda m: f"{m} — {MODE_HELP[m]}")
+        defaults = TrainConfig(mode=mode)
+        left, right = st.columns(2)
+        aux_weight = left.number_input(
+            "Auxiliary loss weight",
+            min_value=0.0,
+            max_value=10.0,
+            value=defaults.aux_weight,
+            step=0.01,
+            key=AUX_WEIGHT,
+            help="Weight of the ImageNet pseudo-label loss that splits the background. Default 0.04 (measured best on clip art; the paper used 0.1).",
+        )
+        epochs = right.number_input("Epochs", min_value=1, max_value=200, value=int(defaults.epochs), step=1, key=f"{EPOCHS}-{mode}")
+        config = TrainConfig(mode=mode, aux_weight=float(aux_weight), epochs=int(epochs))
 
 training = common.active_jobs(project, "train")
 
 
 def start() -> None:
-    config = TrainConfig(mode=mode, aux_weight=float(aux_weight), epochs=int(epochs))
     try:
         common.start_training(project, category, config)
-    except RuntimeError as exc:  # one training job at a time
+    except (RuntimeError, *common.BAD_INPUT) as exc:  # a job limit, or the project is busy
         st.session_state["train_error"] = str(exc)
 
 
@@ -87,7 +93,7 @@ with st.container(horizontal=True):
             key="train_cancel",
         )
 if error := st.session_state.pop("train_error", None):
-    st.error(error)
+    st.error(md_escape(error))
 
 
 def progress_panel() -> None:
@@ -98,9 +104,9 @@ def progress_panel() -> None:
         return
     job = jobs[0]
     if job.active:
-        st.progress(min(max(job.progress, 0.0), 1.0), text=f"Training #{job.id}: {job.message or job.state}")
+        st.progress(min(max(job.progress, 0.0), 1.0), text=f"Training #{job.id}: {md_escape(job.message or job.state)}")
     elif job.state == "failed":
-        st.error(f"Training #{job.id} failed: {job.error}", icon=":material/error:")
+        st.error(f"Training #{job.id} failed: {md_escape(job.error)}", icon=":material/error:")
     elif job.state == "cancelled":
         st.warning(f"Training #{job.id} was cancelled; the previous model stays active.")
     latest = store.models()[:1]
@@ -123,7 +129,14 @@ def save_auto_retrain() -> None:
 st.subheader("Keep the model fresh", anchor=False)
 every = common.auto_retrain_after(project)
 left, right = st.columns([2, 3], vertical_alignment="bottom")
-left.toggle("Auto-retrain while I review", value=every > 0, key=AUTO, on_change=save_auto_retrain)
+left.toggle(
+    "Auto-retrain while I review",
+    value=every > 0,
+    key=AUTO,
+    on_change=save_auto_retrain,
+    disabled=not admin,
+    help=None if admin else "A setting of the whole project: admins change it.",
+)
 right.number_input(
     "after this many new labels",
     min_value=1,
@@ -132,7 +145,7 @@ right.number_input(
     step=5,
     key=AUTO_EVERY,
     on_change=save_auto_retrain,
-    disabled=every == 0,
+    disabled=every == 0 or not admin,
 )
 
 st.subheader("Model versions", anchor=False)

@@ -12,6 +12,7 @@ from typing import Any
 
 from .export import add_export_commands
 from .progress import CancelToken
+from .settings import load_settings, local_user
 
 DEMO_DIR = Path(__file__).resolve().parent.parent / "assets" / "demo"
 DEMO_CATEGORY = "animals"
@@ -103,6 +104,24 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_backup(args: argparse.Namespace) -> int:
+    from .project import Project
+
+    result = Project(args.project).backup(args.dest, with_features=args.with_features, with_thumbnails=args.with_thumbnails, progress=_print_progress)
+    summary = {
+        "dest": str(result.dest),
+        "files": result.files,
+        "mib": round(result.bytes / 2**20, 1),
+        "models": result.models,
+        "active_versions": result.active_versions,
+        "features": result.with_features,
+        "thumbnails": result.with_thumbnails,
+        "seconds": round(result.seconds, 1),
+    }
+    _emit(args, summary, lambda s: "\n".join(f"{k:>16}: {v}" for k, v in s.items()))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
 
     project = build_demo_project(args.project, progress=_print_progress)
@@ -117,7 +136,7 @@ def cmd_label(args: argparse.Namespace) -> int:
     project = Project(args.project)
     missing: list[str] = []
     if args.csv:
-        result = import_labels_csv(project, args.csv)
+        result = import_labels_csv(project, args.csv, author=args.author)
         missing += result.missing + result.invalid
     elif not args.category:
         raise ValueError("give --category C with --positive/--negative paths, or --csv FILE")
@@ -125,12 +144,24 @@ def cmd_label(args: argparse.Namespace) -> int:
         project.add_category(args.category)
         for value, paths in (("positive", args.positive), ("negative", args.negative)):
             if paths:
-                missing += project.label_paths(args.category, paths, value, source="user")
+                missing += project.label_paths(args.category, paths, value, source="user", author=args.author or local_user())
     counts = project.store.label_counts()
     _emit(args, {"labels": counts, "not_labeled": missing}, lambda o: "\n".join(
         [f"{c}: {n['positive']} positive, {n['negative']} negative" for c, n in o["labels"].items()]
         + [f"not labeled: {m}" for m in o["not_labeled"]]))
     return 0 if not missing else 1
+
+
+def cmd_undo(args: argparse.Namespace) -> int:
+    from .project import Project
+
+    author = args.author or local_user()
+    event = Project(args.project).undo(args.category, author)
+    out = {"category": args.category, "author": author, "undone": None if event is None else {
+        "event_id": event.id, "image_id": event.image_id, "value": event.value, "source": event.source}}
+    _emit(args, out, lambda o: f"nothing of {author}'s to undo in {args.category}" if event is None
+          else f"undid {author}'s {event.value} label of #{event.image_id} in {args.category}")
+    return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -195,7 +226,7 @@ def build_demo_project(root: str | Path, progress=None):
     from .project import Project
 
     project = Project.create(root)
-    project.ingest([DEMO_DIR / "images"], progress=progress)
+    project.ingest([DEMO_DIR / "images"], progress=progress, data_roots=())  # shipped with bgminer, not user data: any roots allow it
     project.embed(progress=progress)
     project.store.add_category(DEMO_CATEGORY)
     return project
@@ -240,6 +271,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_info)
 
+    p = sub.add_parser("backup", help="a consistent copy of a project (database, checkpoints, active scores), safe while the app runs")
+    p.add_argument("project")
+    p.add_argument("dest", help="a new (or empty) folder; written as DEST.partial and renamed when complete")
+    p.add_argument("--with-features", action="store_true", help="copy the feature cache too (otherwise the copy re-embeds on its first embed)")
+    p.add_argument("--with-thumbnails", action="store_true", help="copy the thumbnails too (the app shows images by them; without them, copy thumbs/ back by hand)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_backup)
+
     p = sub.add_parser("demo", help="build the ready-to-use demo project")
     p.add_argument("project")
     p.add_argument("--json", action="store_true")
@@ -250,8 +289,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--positive", nargs="*", default=[])
     p.add_argument("--negative", nargs="*", default=[])
     p.add_argument("--csv")
+    p.add_argument("--author", default=None, help="who decides (default: the OS user; with --csv: the CSV's author column)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_label)
+
+    p = sub.add_parser("undo", help="undo your latest label decision in a category (only while nobody changed it since)")
+    p.add_argument("project")
+    p.add_argument("--category", required=True)
+    p.add_argument("--author", default=None, help="whose decision (default: the OS user)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_undo)
 
     p = sub.add_parser("train", help="train a background-splitting model round, re-score and re-index")
     p.add_argument("project")
@@ -292,6 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "project", None) is not None:  # BGMINER_PROJECTS_DIR: projects live only there
+            load_settings().check_project_folder(args.project)
         return args.fn(args)
     except (ValueError, FileNotFoundError, PermissionError) as exc:
         print(f"bgminer: error: {exc}", file=sys.stderr)

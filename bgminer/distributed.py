@@ -9,9 +9,10 @@ Embedding (:func:`embed_on_ray`)::
          each actor call embeds one block and writes it as one shard file (bgminer.shards)
       -> the driver merges each finished shard into the FeatureCache, marks it embedded, deletes it
 
-A run first merges shards that an earlier, interrupted run finished and deletes half-written
-ones, so a rerun redoes only unfinished blocks. Ray restarts crashed workers and actors and
-retries their blocks; a decode task that raises is retried ``max_retries`` times; an image that
+The driver holds the feature cache's lock for the whole run (other embeddings of the project,
+local or on Ray, wait for it). A run first merges shards that an earlier, interrupted run
+finished and deletes half-written ones, so a rerun redoes only unfinished blocks. Ray restarts
+crashed workers and actors and retries their blocks; a decode task that raises is retried ``max_retries`` times; an image that
 cannot be decoded is marked rejected, as in the in-process pipeline. A run that fails anyway
 keeps every finished shard for the next one. Decoding runs in its own tasks, not fused into the
 model actors (the actors reserve memory, which keeps Ray Data from fusing the two stages), so it
@@ -40,9 +41,10 @@ import torch
 
 from .backbone import Backbone, Preprocess, PreprocessConfig, Trunk, load_backbone
 from .features import EmbedReport, FeatureCache, resolve_device
+from .fsutil import atomic_path
 from .imageio import ImageRejected, load_rgb, to_tensor_uint8
 from .progress import CancelToken, ProgressFn, RateMeter, check, report
-from .shards import finished_shards, merge_lock, merge_shard, remove_partials, shard_dir, write_shard
+from .shards import finished_shards, merge_shard, remove_partials, shard_dir, write_shard
 from .store import Store
 from .versions import VersionScores, VersionWriter, read_version
 
@@ -193,7 +195,8 @@ def embed_on_ray(
     folder = shard_dir(cache)
     bb = load_backbone(backbone, backbone_weights)
     start = time.perf_counter()
-    with merge_lock(folder), ray_session(config.address) as ray, _data_context(config):
+    with cache.lock(cancel), ray_session(config.address) as ray, _data_context(config):
+        cache.unmark_zero_rows(store, cancel)
         partials = remove_partials(folder)
         reused = [merge_shard(p, store, cache, bb.weights_sha256) for p in finished_shards(folder)]
         reused_count = sum(r is not None for r in reused)
@@ -208,7 +211,6 @@ def embed_on_ray(
         report(progress, 0, len(items), meter.message(0))
         written = done = 0
         if items:
-            cache.ensure_capacity(store.max_image_id() + 1)
             ds = _embed_dataset(ray, items, bb, backbone, backbone_weights, folder, cache.has_maps, config, workers, gpus, device)
             for row in ds.iter_rows():
                 check(cancel)
@@ -295,10 +297,8 @@ class _RescoreActor:
         start = int(batch["start"][0])
         embeddings, scores = score(self.model, self.inputs, batch["rows"][0], device=self.device)
         final = self.out_dir / f"chunk-{start:012d}.npz"
-        tmp = final.with_name(f"{final.name}.{os.getpid()}.partial")
-        with open(tmp, "wb") as f:
+        with atomic_path(final, fsync=False) as tmp, open(tmp, "wb") as f:  # scratch, read once by the driver: no fsync
             np.savez(f, embeddings=embeddings.astype(np.float16), scores=scores)
-        os.replace(tmp, final)
         return {"start": batch["start"], "file": np.array([final.name])}
 
 
@@ -362,7 +362,8 @@ def rescore_version(
     mode, stage maps in last-stage mode; for ``engine="ray"`` the memory-mapped array itself, which
     workers reopen by path). Chunks of ``chunk_rows`` rows are scored in process (``engine="local"``)
     or by a Ray actor pool and streamed into a memory-mapped version folder (the layout of
-    :mod:`bgminer.versions`), which replaces the old one only when complete.
+    :mod:`bgminer.versions`), which becomes the version's current generation only when complete:
+    readers see the old scores until then, never none.
     """
     if engine not in ("local", "ray"):
         raise ValueError(f"unknown engine {engine!r}; use 'local' or 'ray'")
@@ -373,9 +374,13 @@ def rescore_version(
     else:
         chunks = _chunks_local(model, inputs, ids, chunk_rows, device, cancel)
     done = 0
-    for start, chunk_embeddings, chunk_scores in chunks:
-        writer.write(start, chunk_embeddings, chunk_scores)
-        done += len(chunk_scores)
-        report(progress, done, len(ids), "scoring")
-    writer.commit()
+    try:
+        for start, chunk_embeddings, chunk_scores in chunks:
+            writer.write(start, chunk_embeddings, chunk_scores)
+            done += len(chunk_scores)
+            report(progress, done, len(ids), "scoring")
+        writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
     return read_version(scores_dir, model_id, list(model.categories))

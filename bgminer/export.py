@@ -24,7 +24,6 @@ import os
 import shutil
 import sys
 import time
-import uuid
 import warnings
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
@@ -42,9 +41,12 @@ from torch import nn
 from . import __version__
 from .backbone import Backbone, Preprocess
 from .corpus import ACCEPTED_SUFFIXES
+from .fsutil import atomic_path
 from .imageio import ImageRejected, load_rgb, to_tensor_uint8
 from .model import BackgroundSplittingModel
 from .progress import ProgressFn, report
+from .settings import local_user
+from .store import StoreError
 
 if TYPE_CHECKING:
     from .project import Project
@@ -57,6 +59,7 @@ STATE_DICT_FILE = "state_dict.pt"
 EMBEDDED_METADATA = "bgminer_metadata.json"  # stored as <archive>/extra/bgminer_metadata.json
 LABEL_COLUMNS = ("path", "category", "label", "source", "author", "updated_at", "score", "sha256")
 NEGATIVE_SUFFIX = "_negative"  # export_folders: reviewed negatives of C go to OUT/C_negative/
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # a spreadsheet runs a cell starting so as a formula (OWASP)
 
 
 # -- the exported network ----------------------------------------------------------------------
@@ -222,24 +225,13 @@ def export_model(project: Project, category: str | None, out_dir: str | Path, mo
 
     out = Path(out_dir).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
-    with _atomic(out / MODEL_FILE) as tmp, _quiet_jit():
+    with atomic_path(out / MODEL_FILE) as tmp, _quiet_jit():
         torch.jit.save(scripted, str(tmp), _extra_files={EMBEDDED_METADATA: text})
-    with _atomic(out / STATE_DICT_FILE) as tmp:
+    with atomic_path(out / STATE_DICT_FILE) as tmp:
         torch.save(state, tmp)
-    with _atomic(out / METADATA_FILE) as tmp:
+    with atomic_path(out / METADATA_FILE) as tmp:
         tmp.write_text(text + "\n", encoding="utf-8")
     return ExportResult(out, out / MODEL_FILE, out / METADATA_FILE, out / STATE_DICT_FILE)
-
-
-@contextmanager
-def _atomic(dest: Path) -> Iterator[Path]:
-    """``with _atomic(dest) as tmp:`` write ``tmp``; it replaces ``dest`` only if the block succeeds."""
-    tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:12]}.tmp")  # not mkstemp: keep the umask's permissions
-    try:
-        yield tmp
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 @dataclass
@@ -447,19 +439,35 @@ def label_rows(project: Project, category: str | None = None) -> list[dict[str, 
     ]
 
 
+def csv_text(value: str) -> str:
+    """A text cell that no spreadsheet runs as a formula: a leading ``'`` before ``= + - @``, tab or CR.
+
+    A leading ``'`` is doubled too, so :func:`csv_untext` restores every value exactly.
+    """
+    return "'" + value if value.startswith((*FORMULA_STARTS, "'")) else value
+
+
+def csv_untext(cell: str) -> str:
+    """The value :func:`csv_text` escaped (other cells unchanged)."""
+    return cell[1:] if cell.startswith("'") and cell[1:].startswith((*FORMULA_STARTS, "'")) else cell
+
+
 def write_labels_csv(project: Project, path_or_buffer: str | Path | TextIO, category: str | None = None) -> int:
     """Write the current labels (every category, or one) as CSV; returns the number of rows.
 
     Columns: path, category, label, source, author, updated_at (ISO 8601, UTC), score (the active
     model's probability for that category; empty before training), sha256 (lets an import find
-    images that moved).
+    images that moved). Text cells are escaped with :func:`csv_text`.
     """
     rows = label_rows(project, category)
+
+    def cell(value: Any) -> Any:
+        return csv_text(value) if isinstance(value, str) else value
 
     def write(f: TextIO) -> None:
         writer = csv.DictWriter(f, fieldnames=LABEL_COLUMNS, lineterminator="\n")
         writer.writeheader()
-        writer.writerows({**r, "score": "" if r["score"] is None else repr(r["score"])} for r in rows)
+        writer.writerows({**{k: cell(v) for k, v in r.items()}, "score": "" if r["score"] is None else repr(r["score"])} for r in rows)
 
     if isinstance(path_or_buffer, (str, Path)):
         with open(path_or_buffer, "w", newline="", encoding="utf-8") as f:
@@ -486,8 +494,9 @@ _IMPORTED_VALUES = ("positive", "negative", "cleared")
 def import_labels_csv(project: Project, path: str | Path, author: str | None = None) -> LabelImport:
     """Apply a labels CSV (as written by :func:`write_labels_csv`) to ``project``.
 
-    Needs ``path``, ``category`` and ``label`` columns; ``author`` is kept when present (else
-    ``author`` or "import"), and every event is recorded with source "import". Relative paths are
+    Needs ``path``, ``category`` and ``label`` columns; ``author`` overrides the file's author
+    column, which is kept when present (else the OS user), and every event is recorded with source
+    "import". Cells escaped against formulas (:func:`csv_text`) are unescaped. Relative paths are
     resolved against the CSV's folder; a path the project does not know is matched by the
     ``sha256`` column when there is one. Unknown categories are created. When a pair appears
     twice, the last row wins; rows equal to the current label are not re-recorded, so importing
@@ -501,7 +510,7 @@ def import_labels_csv(project: Project, path: str | Path, author: str | None = N
         columns = set(reader.fieldnames or [])
         if not {"path", "category", "label"} <= columns:
             raise ValueError(f"{csv_path} needs path, category and label columns (found: {', '.join(sorted(columns)) or 'none'})")
-        raw = list(reader)
+        raw = [{k: csv_untext(v) if isinstance(v, str) else v for k, v in row.items()} for row in reader]
     by_hash = store.known_hashes() if "sha256" in columns else {}
     known = set(store.categories())
     wanted: dict[tuple[str, int], tuple[str, str]] = {}  # (category, image id) -> (value, author); last row wins
@@ -520,10 +529,14 @@ def import_labels_csv(project: Project, path: str | Path, author: str | None = N
             result.missing.append(row["path"])
             continue
         if category not in known:
-            project.add_category(category)
+            try:
+                project.add_category(category)
+            except StoreError as exc:
+                result.invalid.append(f"line {line}: {exc}")
+                continue
             known.add(category)
             result.categories_created.append(category)
-        wanted[(category, image_id)] = (value, author or (row.get("author") or "").strip() or "import")
+        wanted[(category, image_id)] = (value, author or (row.get("author") or "").strip() or local_user())
 
     groups: dict[tuple[str, str, str], list[int]] = {}
     current = {c: store.labels(c) for c in {c for c, _ in wanted}}
@@ -585,6 +598,12 @@ def write_scores(project: Project, path_or_buffer: str | Path | BinaryIO, format
         raise ValueError(f"scores format must be csv or parquet, not {format!r}")
     table, versions = scores_table(project)
     if format == "csv":
+        from pandas.api.types import is_numeric_dtype
+
+        for column in table.columns:  # numbers stay numbers; text (paths) is escaped
+            if not is_numeric_dtype(table[column]):
+                table[column] = table[column].map(lambda v: csv_text(v) if isinstance(v, str) else v)
+        table.columns = [csv_text(str(c)) for c in table.columns]  # category names head columns
         table.to_csv(target, index=False, float_format="%.9g")
     else:
         import pyarrow as pa

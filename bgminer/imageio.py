@@ -22,7 +22,11 @@ MAX_PIXELS_DEFAULT = 40_000_000
 ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 # JPEG's opener returns an "MPO" image for multi-picture camera files.
 _FORMAT_ALIASES = {"MPO": "JPEG"}
-REJECT_REASONS = ("empty_file", "not_an_image", "unsupported_format", "corrupt", "truncated", "too_large", "duplicate", "unreadable")
+REJECT_REASONS = (
+    "empty_file", "not_an_image", "unsupported_format", "corrupt", "truncated", "too_large", "duplicate", "unreadable",
+    "outside_data_roots",  # ingest: not read, the path lies outside BGMINER_DATA_ROOTS
+    "archive_unreadable",  # ingest: an archive the OS would not let us unpack (disk full, I/O error)
+)
 WHITE = (255, 255, 255)
 # EXIF orientation -> the transpose that makes the pixels upright (as ImageOps.exif_transpose).
 _UPRIGHT = {

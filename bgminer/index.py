@@ -67,10 +67,12 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import faiss
 import numpy as np
 
+from .fsutil import atomic_path
 from .progress import Cancelled, CancelToken, ProgressFn, check, report
 
 EXACT_MAX_FLOATS = 1 << 24
@@ -226,24 +228,17 @@ class VectorIndex(ABC):
             raise KeyError(f"ids not in the index: {missing[:5].tolist()}") from err
 
     def save(self, path: str | Path) -> None:
-        """Write the index to one file atomically (temporary file, fsync, rename)."""
+        """Write the index to one file atomically (a temporary name unique to this writer, fsync, rename, fsync of the folder)."""
         path = Path(path)
         settings, parts = self._state()
         settings.update(self._attach(path))
         header = json.dumps({"kind": self.kind, "dim": self.dim, **settings}).encode()
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            with open(tmp, "wb") as f:
-                f.write(_MAGIC + struct.pack("<I", len(header)) + header)
-                for part in parts:
-                    faiss.write_index(part, faiss.PyCallbackIOWriter(f.write))
-                for array in self._arrays():
-                    np.lib.format.write_array(f, array, allow_pickle=False)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            f.write(_MAGIC + struct.pack("<I", len(header)) + header)
+            for part in parts:
+                faiss.write_index(part, faiss.PyCallbackIOWriter(f.write))
+            for array in self._arrays():
+                np.lib.format.write_array(f, array, allow_pickle=False)
         self._saved(path)
 
     def _attach(self, path: Path) -> dict:
@@ -261,10 +256,7 @@ class VectorIndex(ABC):
     def load(path: str | Path) -> VectorIndex:
         """Read an index written by :meth:`save`."""
         with open(path, "rb") as f:
-            if f.read(len(_MAGIC)) != _MAGIC:
-                raise ValueError(f"{path} is not a bgminer vector index")
-            (size,) = struct.unpack("<I", f.read(4))
-            header = json.loads(f.read(size))
+            header = _read_header(f, path)
             kind = header.pop("kind")
             dim = header.pop("dim")
             reader = faiss.PyCallbackIOReader(f.read)
@@ -698,6 +690,20 @@ class IVFPQIndex(_IVFBase, VectorIndex):
         for stale in path.parent.glob(f"{path.name}.*.codes"):
             if stale != self._codes_path:
                 stale.unlink(missing_ok=True)
+
+
+def _read_header(f: BinaryIO, path: str | Path) -> dict:
+    if f.read(len(_MAGIC)) != _MAGIC:
+        raise ValueError(f"{path} is not a bgminer vector index")
+    (size,) = struct.unpack("<I", f.read(4))
+    return json.loads(f.read(size))
+
+
+def side_files(path: str | Path) -> list[Path]:
+    """The files beside an index file that it refers to (an IVF-PQ index's codes), to copy it whole."""
+    with open(path, "rb") as f:
+        header = _read_header(f, path)
+    return [Path(path).parent / header["codes_file"]] if "codes_file" in header else []
 
 
 def make_index(kind: str, dim: int, config: IVFConfig | IVFPQConfig | None = None) -> VectorIndex:

@@ -3,6 +3,10 @@ jobs table and stops when a cancel is requested there.
 
 The UI only reads job rows (it never receives callbacks from a worker), so a Streamlit
 page can poll the store from its own thread and never touch Streamlit from a worker.
+
+Heavy jobs (:data:`HEAVY_KINDS`) are limited so one visitor cannot starve the server: at
+most one per project (across processes, from the store's rows) and at most
+``BGMINER_MAX_JOBS`` at once in one process (across every runner).
 """
 
 from __future__ import annotations
@@ -14,41 +18,78 @@ from collections.abc import Callable
 from typing import Any
 
 from .progress import Cancelled, CancelToken
-from .store import JobRecord, Store
+from .store import JobBusy, JobRecord, Store
 
 # Progress writes are throttled so a fast loop does not hammer SQLite.
 _MIN_UPDATE_INTERVAL = 0.25
+# Jobs that read the whole corpus or train: one per project, a global cap per process.
+HEAVY_KINDS = frozenset({"ingest", "demo", "train", "rescore", "embed"})
 
 JobFn = Callable[..., Any]  # fn(progress=..., cancel=...) -> JSON-able result
 
+# Heavy job threads of every runner in this process (the global cap counts the live ones).
+_heavy_threads: set[threading.Thread] = set()
+_heavy_lock = threading.Lock()
+
+
+class JobLimitError(RuntimeError):
+    """A job was refused by a job limit; the message says which and what to do."""
+
 
 class JobRunner:
-    """Starts jobs on daemon threads; at most one job of each kind runs at a time."""
+    """Starts jobs on daemon threads: at most one job of each kind per runner, one heavy job per
+    project, and at most ``max_jobs`` heavy jobs in this process (None: ``BGMINER_MAX_JOBS``)."""
 
-    def __init__(self, store: Store):
+    def __init__(self, store: Store, max_jobs: int | None = None):
         self.store = store
+        self.max_jobs = max_jobs
         self._threads: dict[int, threading.Thread] = {}
         self._tokens: dict[int, CancelToken] = {}
         self._lock = threading.Lock()
 
     def start(self, kind: str, fn: JobFn, params: dict[str, Any] | None = None) -> int:
-        with self._lock:
+        """Start ``fn`` on a worker thread; raises :class:`JobLimitError` when a limit refuses it."""
+        heavy = kind in HEAVY_KINDS
+        with self._lock, _heavy_lock:
             for job_id, thread in self._threads.items():
                 if thread.is_alive() and self.store.job(job_id).kind == kind:
-                    raise RuntimeError(f"a {kind} job (#{job_id}) is already running")
-            job_id = self.store.add_job(kind, params)
+                    raise JobLimitError(f"a {kind} job (#{job_id}) is already running")
+            if heavy:
+                cap = self._max_jobs()
+                running = sum(t.is_alive() for t in _heavy_threads)
+                if running >= cap:
+                    raise JobLimitError(
+                        f"the server is busy: {running} heavy job(s) running, at most {cap} at once (BGMINER_MAX_JOBS); try again when one ends"
+                    )
+            job_id = self._add(kind, params)
             token = CancelToken(is_set=lambda: self.store.job(job_id).cancel_requested)
             thread = threading.Thread(target=self._run, args=(job_id, fn, token), name=f"bgminer-{kind}-{job_id}", daemon=True)
             self._threads[job_id] = thread
             self._tokens[job_id] = token
-        thread.start()
+            if heavy:
+                _heavy_threads.difference_update([t for t in _heavy_threads if not t.is_alive()])
+                _heavy_threads.add(thread)
+            thread.start()
         return job_id
 
     def run_inline(self, kind: str, fn: JobFn, params: dict[str, Any] | None = None) -> JobRecord:
-        """Run a job on the calling thread (CLI), recorded like a background one."""
-        job_id = self.store.add_job(kind, params)
+        """Run a job on the calling thread (CLI), recorded like a background one (one heavy job per project holds)."""
+        job_id = self._add(kind, params)
         self._run(job_id, fn, CancelToken(is_set=lambda: self.store.job(job_id).cancel_requested))
         return self.store.job(job_id)
+
+    def _add(self, kind: str, params: dict[str, Any] | None) -> int:
+        try:
+            return self.store.add_job(kind, params, exclusive=sorted(HEAVY_KINDS) if kind in HEAVY_KINDS else ())
+        except JobBusy as exc:
+            raise JobLimitError(f"{exc}: one heavy job (ingest, training, re-scoring) per project at a time; wait for it or cancel it") from exc
+
+    def _max_jobs(self) -> int:
+        if self.max_jobs is not None:
+            return self.max_jobs
+        from .settings import load_settings
+
+        return load_settings().limits.max_jobs
 
     def cancel(self, job_id: int) -> None:
         self.store.request_cancel(job_id)

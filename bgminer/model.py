@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +28,7 @@ import torch
 from torch import nn
 
 from bgminer.backbone import Backbone
+from bgminer.fsutil import atomic_path
 
 MODES = ("adapter", "last-stage", "full")
 DEFAULT_ADAPTER_HIDDEN = 128  # bench/quality.py: beat 512 on all six clip-art settings (docs/quality.md)
@@ -204,7 +203,7 @@ def save_checkpoint(model: BackgroundSplittingModel, path: str | Path, extra: di
     """Write ``model`` (state dict + JSON metadata + JSON-able ``extra``) atomically to ``path``.
 
     The file is a plain dict of a JSON string and tensors, loadable with ``torch.load(weights_only=True)``;
-    it is written to a temporary file in the same folder and renamed, so readers never see half a file.
+    it is written under a temporary name unique to this writer, fsynced and renamed, so readers never see half a file.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -213,16 +212,8 @@ def save_checkpoint(model: BackgroundSplittingModel, path: str | Path, extra: di
         "metadata": json.dumps(_metadata(model, extra or {})),
         "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
     return path
 
 

@@ -8,6 +8,7 @@ share; it composes the engine modules and holds no ML logic of its own.
 from __future__ import annotations
 
 import json
+import operator
 import threading
 import time
 from collections.abc import Sequence
@@ -18,8 +19,9 @@ from typing import Any
 import numpy as np
 
 from .backbone import Backbone, Preprocess, load_backbone
-from .features import EmbedReport, FeatureCache, PixelLoader, embed_images
+from .features import CacheBusy, EmbedReport, FeatureCache, FolderLock, PixelLoader, embed_images, unmark_zero_rows
 from .progress import Cancelled, CancelToken, ProgressFn
+from .settings import local_user
 from .store import LabelEvent, ModelRecord, Store
 from .train import TrainConfig
 from .versions import VersionScores, read_version
@@ -34,18 +36,28 @@ class ProjectError(ValueError):
 class Project:
     def __init__(self, root: str | Path):
         self.root = Path(root).expanduser().resolve()
+        _refuse_inside_uploads(self.root)
         if not (self.root / DB_NAME).exists():
             raise ProjectError(f"{self.root} is not a bgminer project (no {DB_NAME}); create it with `bgminer init {root}`")
         self.store = Store(self.root / DB_NAME)
+        self.store.fail_orphaned_models()  # a round whose process was killed stays 'training' otherwise
         self.backbone_name = self.store.get_meta("backbone", "efficientnet_lite0")
         self.backbone_weights = self.store.get_meta("backbone_weights") or None
         self._indexes: dict[int | None, Any] = {}
         self._index_lock = threading.Lock()
+        self._features: FeatureCache | None = None
+        self._features_lock = threading.Lock()
+        self._feature_folder_lock = FolderLock(self.root / "features" / self.backbone_name)
+        try:  # rows marked embedded but missing from the cache (e.g. a backup restored without features) are redone
+            unmark_zero_rows(self.store, self._feature_folder_lock.folder, self._feature_folder_lock, timeout=0.5)
+        except CacheBusy:
+            pass  # another process is embedding; it runs the same check, and so does every later embedding
 
     @classmethod
     def create(cls, root: str | Path, backbone: str = "efficientnet_lite0", backbone_weights: str | None = None) -> Project:
         """Create a project folder (or open it if it already is one)."""
         root = Path(root).expanduser().resolve()
+        _refuse_inside_uploads(root)
         if root.exists() and not root.is_dir():
             raise ProjectError(f"{root} exists and is not a folder")
         root.mkdir(parents=True, exist_ok=True)
@@ -85,14 +97,26 @@ class Project:
 
     @property
     def features(self) -> FeatureCache:
-        bb = self.backbone
-        return FeatureCache(self.root / "features" / bb.name, bb.feature_dim, len(bb.class_names), bb.map_shape)
+        """The project's one feature cache (one lock for every writer of it, in any process)."""
+        with self._features_lock:
+            if self._features is None:
+                bb = self.backbone
+                self._features = FeatureCache(self._feature_folder_lock.folder, bb.feature_dim, len(bb.class_names), bb.map_shape, lock=self._feature_folder_lock)
+            return self._features
 
     # -- corpus --------------------------------------------------------------------------
-    def ingest(self, sources: Sequence[str | Path], progress: ProgressFn | None = None, cancel: CancelToken | None = None, **kw: Any):
+    def ingest(
+        self,
+        sources: Sequence[str | Path],
+        progress: ProgressFn | None = None,
+        cancel: CancelToken | None = None,
+        data_roots: Sequence[str | Path] | None = None,
+        **kw: Any,
+    ):
+        """Ingest ``sources`` (see :func:`bgminer.corpus.ingest`); ``data_roots`` None: the settings' roots."""
         from .corpus import ingest
 
-        return ingest(self.store, sources, self.thumbs_dir, self.uploads_dir, progress=progress, cancel=cancel, **kw)
+        return ingest(self.store, sources, self.thumbs_dir, self.uploads_dir, progress=progress, cancel=cancel, data_roots=data_roots, **kw)
 
     def embed(
         self,
@@ -112,21 +136,25 @@ class Project:
     def add_category(self, name: str) -> None:
         self.store.add_category(name)
 
-    def label(self, category: str, image_ids: Sequence[int], value: str, source: str = "user", author: str = "user") -> None:
-        """Record a decision for each image; durable (committed) when this returns."""
-        self.store.add_labels(category, [(int(i), value) for i in image_ids], source=source, author=author)
+    def label(self, category: str, image_ids: Sequence[int], value: str, source: str = "user", author: str | None = None) -> list[int]:
+        """Record ``author``'s (default: the OS user's) decision for each image; durable (committed) when this returns.
 
-    def undo(self, category: str | None = None, author: str | None = None) -> LabelEvent | None:
-        return self.store.undo(category, author)
+        Returns the ids of the label events written.
+        """
+        return self.store.add_labels(category, [(int(i), value) for i in image_ids], source=source, author=author or local_user())
 
-    def label_paths(self, category: str, paths: Sequence[str | Path], value: str, source: str = "import") -> list[str]:
+    def undo(self, category: str, author: str | None = None) -> LabelEvent | None:
+        """Undo ``author``'s (default: the OS user's) latest decision in ``category``; see :meth:`Store.undo`."""
+        return self.store.undo(category, author or local_user())
+
+    def label_paths(self, category: str, paths: Sequence[str | Path], value: str, source: str = "import", author: str | None = None) -> list[str]:
         """Label images given by path; returns the paths that are not ingested images."""
         ids, missing = [], []
         for p in paths:
             image_id = self.store.image_id_for_path(str(Path(p).expanduser().resolve()))
             (missing.append(str(p)) if image_id is None else ids.append(image_id))
         if ids:
-            self.label(category, ids, value, source=source)
+            self.label(category, ids, value, source=source, author=author)
         return missing
 
     # -- training ------------------------------------------------------------------------
@@ -153,7 +181,7 @@ class Project:
         leaves the previous version active.
         """
         from .distributed import rescore_version
-        from .model import build_model, grow_categories, load_checkpoint, save_checkpoint
+        from .model import build_model, grow_categories, save_checkpoint
         from .train import build_training_set, train
 
         config = config or TrainConfig()
@@ -172,9 +200,10 @@ class Project:
 
         parent = None
         if config.warm_start:
-            parent = next((m for m in self.store.models() if m.state == "ready" and m.mode == config.mode and set(m.categories) <= set(cats)), None)
+            cat_ids = {self.store.category_id(c) for c in cats}
+            parent = next((m for m in self.store.models() if m.state == "ready" and m.mode == config.mode and set(m.category_ids) <= cat_ids), None)
         if parent is not None:
-            model = load_checkpoint(self.root / parent.checkpoint, self.backbone)
+            model = self.load_model(parent.id)
             cats = list(model.categories) + [c for c in cats if c not in model.categories]
             if cats != list(model.categories):
                 model = grow_categories(model, cats)
@@ -240,13 +269,30 @@ class Project:
         return record
 
     def load_model(self, model_id: int | None = None, category: str | None = None):
-        """The trained model of a version (default: the active one for ``category``)."""
+        """The trained model of a version (default: the active one for ``category``).
+
+        Its ``categories`` are the version's current names: a checkpoint holds the names at
+        training time, and categories may have been renamed since.
+        """
         from .model import load_checkpoint
 
         record = self.store.model(model_id) if model_id is not None else self.store.active_model(category)
         if record is None or record.checkpoint is None:
             raise ValueError("no trained model yet: label a few positives and train first")
-        return load_checkpoint(self.root / record.checkpoint, self.backbone)
+        model = load_checkpoint(self.checkpoint_path(record), self.backbone)
+        if len(model.categories) != len(record.categories):
+            raise ProjectError(f"checkpoint of model v{record.id} scores {len(model.categories)} categories, its record {len(record.categories)}")
+        model.categories = list(record.categories)
+        return model
+
+    def checkpoint_path(self, record: ModelRecord) -> Path:
+        """The checkpoint file of a model version; ProjectError unless it lies inside ``models/``."""
+        if not record.checkpoint:
+            raise ProjectError(f"model v{record.id} has no checkpoint")
+        path = (self.root / record.checkpoint).resolve()
+        if self.models_dir.resolve() not in path.parents:
+            raise ProjectError(f"model v{record.id}'s checkpoint {record.checkpoint!r} is outside the project's models/ folder; refusing to read it")
+        return path
 
     # -- scores and index ----------------------------------------------------------------
     def version_scores(self, category: str) -> tuple[ModelRecord, VersionScores] | None:
@@ -265,7 +311,7 @@ class Project:
         return version.ids, version.column(category)
 
     def _index_path(self, model_id: int | None) -> Path:
-        return self.index_dir / ("pretrained.faiss" if model_id is None else f"v{model_id:04d}.faiss")
+        return self.index_dir / ("pretrained.faiss" if model_id is None else f"v{operator.index(model_id):04d}.faiss")
 
     def _build_index(self, model_id: int | None, vectors: np.ndarray, ids: np.ndarray):
         from .index import build_index
@@ -425,7 +471,7 @@ class Project:
         """
         from .evaluate import draw_validation_sample
 
-        key = f"validation:{category}"
+        key = f"validation:{self.store.category_id(category)}"  # by id: a rename keeps the sample
         stored = self.store.get_meta(key)
         if stored and not redraw:
             return json.loads(stored)
@@ -492,6 +538,13 @@ class Project:
         }
         return out
 
+    def backup(self, dest: str | Path, with_features: bool = False, with_thumbnails: bool = False, progress: ProgressFn | None = None):
+        """A consistent copy of the project in the new folder ``dest``, taken while others may write;
+        see :mod:`bgminer.backup`. Returns a :class:`bgminer.backup.BackupReport`."""
+        from .backup import backup_project
+
+        return backup_project(self, dest, with_features=with_features, with_thumbnails=with_thumbnails, progress=progress)
+
     def info(self) -> dict[str, Any]:
         s = self.store
         active = s.active_model()
@@ -524,6 +577,13 @@ class ReviewStats:
     found: int
     precision_last20: float | None
     curve: list[int] = field(default_factory=list)  # positives found after each review decision
+
+
+def _refuse_inside_uploads(root: Path) -> None:
+    """A project folder must not lie in (or be) another project's ``uploads/`` tree, which visitors fill."""
+    for folder in (root, *root.parents):
+        if folder.name == "uploads" and (folder.parent / DB_NAME).exists():
+            raise ProjectError(f"{root} is inside the uploads folder of the project at {folder.parent}; choose a folder outside it")
 
 
 def _training_metrics(labels: dict[int, dict[int, str]], ids: np.ndarray, scores: np.ndarray, cats: list[str], result) -> dict[str, Any]:

@@ -4,37 +4,27 @@ merged into the project's :class:`~bgminer.features.FeatureCache`.
 A shard is one uncompressed ``.npz`` holding the block's image ids, its cached arrays
 (``pooled``, ``logits`` and, when the cache keeps them, ``maps``), the images that could not
 be decoded (ids, reason, detail) and the backbone's weights hash. It is written under a
-temporary name, fsynced and renamed, so a file with a shard's name is always complete; a
-worker killed mid-write leaves only a ``.partial`` file, which the next run deletes and redoes.
-Merging copies a shard's rows into the cache's memory-mapped arrays (row = image id), flushes
-them, marks the images embedded (or rejected) in the store and deletes the shard: the rest of
-the app only ever sees the one memory-mapped view.
+temporary name unique to its writer, fsynced and renamed, so a file with a shard's name is
+always complete; a worker killed mid-write leaves only a hidden ``.*.tmp`` file, which the next
+run deletes and redoes. Merging copies a shard's rows into the cache's memory-mapped arrays
+(row = image id) under the cache's lock, flushes them, marks the images embedded (or rejected)
+in the store and deletes the shard: the rest of the app only ever sees the one memory-mapped view.
 """
 
 from __future__ import annotations
 
-import fcntl
-import os
-import socket
 import zipfile
 import zlib
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .features import FeatureCache
+from .fsutil import atomic_path, ensure_free
 from .store import Store
 
 SUFFIX = ".shard.npz"
-PARTIAL = ".partial"
-LOCK_NAME = ".lock"
-
-
-class ShardBusy(RuntimeError):
-    """Another process is writing or merging shards of this feature cache."""
 
 
 @dataclass
@@ -67,7 +57,7 @@ def write_shard(
     rejected: list[tuple[int, str, str]],
     weights_sha256: str,
 ) -> Path:
-    """Write one shard atomically (temporary ``.partial`` file, fsync, rename, fsync of the folder)."""
+    """Write one shard atomically (unique temporary file, fsync, rename, fsync of the folder)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     ids = np.asarray(ids, dtype=np.int64)
@@ -76,8 +66,8 @@ def write_shard(
             raise ValueError(f"shard array {name!r} has {len(values)} rows for {len(ids)} ids")
     rejected_ids = np.array([r[0] for r in rejected], dtype=np.int64)
     final = folder / shard_name(ids, rejected_ids)
-    tmp = folder / f"{final.name}.{socket.gethostname()}-{os.getpid()}{PARTIAL}"
-    with open(tmp, "wb") as f:
+    ensure_free(folder, sum(np.asarray(v).nbytes for v in arrays.values()))
+    with atomic_path(final) as tmp, open(tmp, "wb") as f:
         np.savez(
             f,
             ids=ids,
@@ -87,19 +77,7 @@ def write_shard(
             weights_sha256=np.array(weights_sha256),
             **{f"array_{name}": np.ascontiguousarray(values) for name, values in arrays.items()},
         )
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
-    _fsync_dir(folder)
     return final
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def read_shard(path: Path) -> Shard | None:
@@ -124,28 +102,16 @@ def finished_shards(folder: Path) -> list[Path]:
 
 
 def remove_partials(folder: Path) -> int:
-    """Delete files left by writers killed mid-write; returns how many. Call only under :func:`merge_lock`."""
+    """Delete files left by writers killed mid-write; returns how many.
+
+    Call only while holding the feature cache's lock for a whole run (as :func:`bgminer.distributed.embed_on_ray`
+    does), so no live writer's file is among them.
+    """
     folder = Path(folder)
-    stale = list(folder.glob(f"*{PARTIAL}")) if folder.exists() else []
+    stale = list(folder.glob(f".*{SUFFIX}.*.tmp")) if folder.exists() else []
     for path in stale:
         path.unlink(missing_ok=True)
     return len(stale)
-
-
-@contextmanager
-def merge_lock(folder: Path) -> Iterator[None]:
-    """Hold the shard folder for one embedding run at a time (an advisory lock file); raises :class:`ShardBusy`."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / LOCK_NAME, "w") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as exc:
-            raise ShardBusy(f"another process is embedding into {folder.parent}; wait for it to finish") from exc
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 @dataclass
@@ -164,14 +130,7 @@ def merge_shard(path: Path, store: Store, cache: FeatureCache, weights_sha256: s
     if shard is None or shard.weights_sha256 != weights_sha256 or set(shard.arrays) != set(cache.specs):
         Path(path).unlink(missing_ok=True)
         return None
-    if len(shard.ids):
-        cache.ensure_capacity(int(shard.ids.max()) + 1)
-        for name, values in shard.arrays.items():
-            target = cache.open(name, writable=True)
-            target[shard.ids] = values.astype(cache.specs[name].dtype, copy=False)
-            target.flush()
-            del target
-        store.mark_embedded(shard.ids.tolist())
+    cache.commit_rows(store, shard.ids, shard.arrays)
     for image_id, reason, detail in shard.rejected:
         store.reject_image(int(image_id), reason, f"at embedding: {detail}")
     Path(path).unlink()

@@ -10,18 +10,25 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sqlite3
 import threading
 import time
+import unicodedata
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .settings import local_user
 
 LABEL_VALUES = ("positive", "negative", "cleared")
 LABEL_SOURCES = ("user", "import", "review")
 JOB_STATES = ("queued", "running", "done", "failed", "cancelled")
+CATEGORY_NAME_MAX = 64
+CATEGORY_NAME_PUNCTUATION = " -_.'(),+&"  # besides unicode letters and digits
+INTERRUPTED = "interrupted: the process running it ended"
 
 # Each entry migrates the schema from version i to i+1; never edit a shipped entry.
 MIGRATIONS: list[str] = [
@@ -98,6 +105,28 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE jobs ADD COLUMN pid INTEGER;
     """,
+    # 3: models and validation samples keyed by category id, so a rename carries them; the
+    # process (pid, host) training a model, so a round killed mid-way is failed at the next open.
+    # models.categories keeps the names at training time (the checkpoint's); position k of a
+    # model is category_id's current name. A name that matches no category stays unmapped (NULL).
+    """
+    CREATE TABLE model_categories (
+        model_id INTEGER NOT NULL REFERENCES models (id),
+        position INTEGER NOT NULL,
+        category_id INTEGER REFERENCES categories (id),
+        PRIMARY KEY (model_id, position)
+    );
+    CREATE INDEX model_categories_category ON model_categories (category_id, model_id);
+    INSERT INTO model_categories (model_id, position, category_id)
+        SELECT m.id, CAST(j.key AS INTEGER), (SELECT c.id FROM categories c WHERE c.name = j.value)
+        FROM models m, json_each(m.categories) j;
+    UPDATE meta SET key = 'validation#' || (SELECT c.id FROM categories c WHERE c.name = substr(meta.key, 12))
+        WHERE substr(key, 1, 11) = 'validation:' AND substr(key, 12) IN (SELECT name FROM categories);
+    DELETE FROM meta WHERE substr(key, 1, 11) = 'validation:';
+    UPDATE meta SET key = 'validation:' || substr(key, 12) WHERE substr(key, 1, 11) = 'validation#';
+    ALTER TABLE models ADD COLUMN pid INTEGER;
+    ALTER TABLE models ADD COLUMN host TEXT;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -115,6 +144,15 @@ class UndoConflict(StoreError):
         self.changed_by = changed_by
 
 
+class JobBusy(StoreError):
+    """A job that must run alone on the project is already active."""
+
+    def __init__(self, message: str, job_id: int, kind: str):
+        super().__init__(message)
+        self.job_id = job_id
+        self.kind = kind
+
+
 @dataclass(frozen=True)
 class LabelEvent:
     id: int
@@ -129,6 +167,10 @@ class LabelEvent:
 
 @dataclass(frozen=True)
 class ModelRecord:
+    """A model version. ``categories`` are the current names of the categories it scores, in the
+    checkpoint's column order (a rename shows here); ``category_ids`` the same columns by id
+    (None for a name that matched no category when the store was migrated)."""
+
     id: int
     categories: list[str]
     mode: str
@@ -142,6 +184,7 @@ class ModelRecord:
     train_seconds: float | None
     error: str | None
     created_at: float
+    category_ids: list[int | None] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -316,6 +359,11 @@ class Store:
         with self.write() as db:
             db.executemany("UPDATE images SET embedded = 1 WHERE id = ?", [(int(i),) for i in ids])
 
+    def unmark_embedded(self, ids: Sequence[int]) -> None:
+        """The next embedding redoes these images (their cached rows were found missing)."""
+        with self.write() as db:
+            db.executemany("UPDATE images SET embedded = 0 WHERE id = ?", [(int(i),) for i in ids])
+
     def reject_image(self, image_id: int, reason: str, detail: str) -> None:
         """Mark an ingested image unusable (e.g. the file changed or vanished before embedding)."""
         with self.write() as db:
@@ -326,19 +374,18 @@ class Store:
 
     # -- categories ----------------------------------------------------------------------
     def add_category(self, name: str) -> int:
+        """The id of category ``name`` (stripped), created when new; a new name must pass :func:`check_category_name`."""
         name = name.strip()
-        if not name:
-            raise StoreError("a category needs a non-empty name")
         with self.write() as db:
             row = db.execute("SELECT id FROM categories WHERE name = ?", (name,)).fetchone()
-            if row:
+            if row:  # names from before validation stay usable
                 return row[0]
+            name = check_category_name(name)
             return db.execute("INSERT INTO categories (name, created_at) VALUES (?, ?)", (name, time.time())).lastrowid
 
     def rename_category(self, old: str, new: str) -> None:
-        new = new.strip()
-        if not new:
-            raise StoreError("a category needs a non-empty name")
+        """Rename a category; its labels, models and validation sample follow it (all keyed by id)."""
+        new = check_category_name(new)
         cid = self.category_id(old)
         with self.write() as db:
             if db.execute("SELECT 1 FROM categories WHERE name = ?", (new,)).fetchone():
@@ -349,11 +396,15 @@ class Store:
         return [r[0] for r in self.db.execute("SELECT name FROM categories ORDER BY id")]
 
     def category_id(self, name: str) -> int:
-        row = self.db.execute("SELECT id FROM categories WHERE name = ?", (name,)).fetchone()
-        if row is None:
+        cid = self._find_category(name)
+        if cid is None:
             known = ", ".join(self.categories()) or "none yet"
             raise StoreError(f"unknown category {name!r} (known: {known})")
-        return row[0]
+        return cid
+
+    def _find_category(self, name: str) -> int | None:
+        row = self.db.execute("SELECT id FROM categories WHERE name = ?", (name,)).fetchone()
+        return None if row is None else row[0]
 
     # -- labels --------------------------------------------------------------------------
     def add_labels(
@@ -361,9 +412,10 @@ class Store:
         category: str,
         labels: Sequence[tuple[int, str]],
         source: str = "user",
-        author: str = "user",
+        author: str | None = None,
     ) -> list[int]:
-        """Append label events ``(image_id, value)``; committed (durable) before returning."""
+        """Append label events ``(image_id, value)`` by ``author`` (default: the OS user); committed (durable) before returning."""
+        author = local_user() if author is None else author
         if source not in LABEL_SOURCES:
             raise StoreError(f"label source must be one of {LABEL_SOURCES}, not {source!r}")
         cid = self.category_id(category)
@@ -383,36 +435,39 @@ class Store:
                 ids.append(cur.lastrowid)
         return ids
 
-    def undo(self, category: str | None = None, author: str | None = None) -> LabelEvent | None:
-        """Revert the newest not-yet-undone event (optionally of one category/author).
+    def undo(self, category: str, author: str) -> LabelEvent | None:
+        """Revert ``author``'s newest not-yet-undone decision in ``category``, if it is still its image's current label.
 
-        Appends an event that restores the pair's previous value and returns the undone
-        event, or None when there is nothing to undo.
+        Appends an event that restores the pair's previous value and returns the undone event,
+        or None when ``author`` has nothing to undo. Raises :class:`UndoConflict`, changing
+        nothing, when someone else's decision on that image is newer (and not undone itself):
+        nobody's newer label is ever overwritten.
         """
-        where = ["e.undoes IS NULL", "NOT EXISTS (SELECT 1 FROM label_events u WHERE u.undoes = e.id)"]
-        args: list[Any] = []
-        if category is not None:
-            where.append("e.category_id = ?")
-            args.append(self.category_id(category))
-        if author is not None:
-            where.append("e.author = ?")
-            args.append(author)
+        cid = self.category_id(category)
+        live = "e.undoes IS NULL AND NOT EXISTS (SELECT 1 FROM label_events u WHERE u.undoes = e.id)"
         with self.write() as db:
             row = db.execute(
-                f"SELECT e.*, c.name AS category FROM label_events e JOIN categories c ON c.id = e.category_id"
-                f" WHERE {' AND '.join(where)} ORDER BY e.id DESC LIMIT 1",
-                args,
+                "SELECT e.*, c.name AS category FROM label_events e JOIN categories c ON c.id = e.category_id"
+                f" WHERE e.category_id = ? AND e.author = ? AND {live} ORDER BY e.id DESC LIMIT 1",
+                (cid, author),
             ).fetchone()
             if row is None:
                 return None
+            newer = db.execute(
+                f"SELECT e.author FROM label_events e WHERE e.image_id = ? AND e.category_id = ? AND e.id > ? AND {live}"
+                " ORDER BY e.id DESC LIMIT 1",
+                (row["image_id"], cid, row["id"]),
+            ).fetchone()
+            if newer is not None:
+                raise UndoConflict(f"{newer[0]} changed #{row['image_id']} since; nothing undone", row["image_id"], newer[0])
             prev = db.execute(
                 "SELECT value FROM label_events WHERE image_id = ? AND category_id = ? AND id < ? ORDER BY id DESC LIMIT 1",
-                (row["image_id"], row["category_id"], row["id"]),
+                (row["image_id"], cid, row["id"]),
             ).fetchone()
             db.execute(
                 "INSERT INTO label_events (image_id, category_id, value, source, author, created_at, undoes)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (row["image_id"], row["category_id"], prev[0] if prev else "cleared", row["source"], row["author"], time.time(), row["id"]),
+                (row["image_id"], cid, prev[0] if prev else "cleared", row["source"], author, time.time(), row["id"]),
             )
         return _label_event(row)
 
@@ -463,11 +518,24 @@ class Store:
 
     # -- models --------------------------------------------------------------------------
     def add_model(self, categories: Sequence[str], mode: str, config: dict, parent_id: int | None) -> int:
+        """A new model version in state 'training', owned by this process (see :meth:`fail_orphaned_models`)."""
         with self.write() as db:
-            return db.execute(
-                "INSERT INTO models (categories, mode, state, config, parent_id, created_at) VALUES (?, ?, 'training', ?, ?, ?)",
-                (json.dumps(list(categories)), mode, json.dumps(config), parent_id, time.time()),
+            ids = []
+            for name in categories:
+                row = db.execute("SELECT id FROM categories WHERE name = ?", (name,)).fetchone()
+                if row is None:
+                    raise StoreError(f"unknown category {name!r}")
+                ids.append(row[0])
+            model_id = db.execute(
+                "INSERT INTO models (categories, mode, state, config, parent_id, created_at, pid, host)"
+                " VALUES (?, ?, 'training', ?, ?, ?, ?, ?)",
+                (json.dumps(list(categories)), mode, json.dumps(config), parent_id, time.time(), os.getpid(), socket.gethostname()),
             ).lastrowid
+            db.executemany(
+                "INSERT INTO model_categories (model_id, position, category_id) VALUES (?, ?, ?)",
+                [(model_id, k, cid) for k, cid in enumerate(ids)],
+            )
+            return model_id
 
     def update_model(self, model_id: int, **fields: Any) -> None:
         cols = {k: json.dumps(v, default=str) if k in ("config", "label_counts", "losses", "metrics") else v for k, v in fields.items()}
@@ -475,24 +543,61 @@ class Store:
             db.execute(f"UPDATE models SET {', '.join(f'{k} = ?' for k in cols)} WHERE id = ?", (*cols.values(), model_id))
 
     def model(self, model_id: int) -> ModelRecord:
-        row = self.db.execute("SELECT * FROM models WHERE id = ?", (model_id,)).fetchone()
-        if row is None:
+        rows = self._model_records("WHERE m.id = ?", (int(model_id),))
+        if not rows:
             raise StoreError(f"no model version {model_id}")
-        return _model_record(row)
+        return rows[0]
 
     def models(self) -> list[ModelRecord]:
-        return [_model_record(r) for r in self.db.execute("SELECT * FROM models ORDER BY id DESC")]
+        return self._model_records()
+
+    def _model_records(self, where: str = "", args: tuple = ()) -> list[ModelRecord]:
+        """Model rows (newest first) with their categories' current names, read in one statement."""
+        rows = self.db.execute(
+            "SELECT m.*, mc.position AS mc_position, mc.category_id AS mc_category_id, c.name AS mc_name FROM models m"
+            " LEFT JOIN model_categories mc ON mc.model_id = m.id LEFT JOIN categories c ON c.id = mc.category_id"
+            f" {where} ORDER BY m.id DESC, mc.position",
+            args,
+        ).fetchall()
+        grouped: dict[int, tuple[sqlite3.Row, list[tuple[int, int | None, str | None]]]] = {}
+        for r in rows:
+            _, columns = grouped.setdefault(r["id"], (r, []))
+            if r["mc_position"] is not None:
+                columns.append((r["mc_position"], r["mc_category_id"], r["mc_name"]))
+        return [_model_record(r, columns) for r, columns in grouped.values()]
 
     def active_model(self, category: str | None = None) -> ModelRecord | None:
-        """The newest ready model version (that covers ``category``, when given)."""
+        """The newest ready model version (that scores ``category``, matched by id, when given)."""
+        cid = None if category is None else self._find_category(category)
+        if category is not None and cid is None:
+            return None
         for m in self.models():
-            if m.state == "ready" and (category is None or category in m.categories):
+            if m.state == "ready" and (cid is None or cid in m.category_ids):
                 return m
         return None
 
+    def fail_orphaned_models(self, reason: str = INTERRUPTED) -> int:
+        """Mark failed the model versions left 'training' by a process of this machine that no longer exists."""
+        host = socket.gethostname()
+        rows = self.db.execute("SELECT id, pid, host FROM models WHERE state = 'training'").fetchall()
+        dead = [r["id"] for r in rows if r["pid"] is None or (r["host"] in (None, host) and not _process_alive(r["pid"]))]
+        if dead:
+            with self.write() as db:
+                db.executemany("UPDATE models SET state = 'failed', error = ? WHERE id = ? AND state = 'training'", [(reason, i) for i in dead])
+        return len(dead)
+
     # -- jobs ----------------------------------------------------------------------------
-    def add_job(self, kind: str, params: dict | None = None) -> int:
+    def add_job(self, kind: str, params: dict | None = None, exclusive: Sequence[str] = ()) -> int:
+        """A queued job row. With ``exclusive``, raises :class:`JobBusy` instead while a job of one of
+        those kinds is active in a live process (checked and inserted in one transaction, so it
+        holds across processes)."""
         with self.write() as db:
+            if exclusive:
+                marks = ", ".join("?" * len(exclusive))
+                rows = db.execute(f"SELECT id, kind, pid FROM jobs WHERE state IN ('queued', 'running') AND kind IN ({marks})", tuple(exclusive))
+                busy = next((r for r in rows if r["pid"] is not None and _process_alive(r["pid"])), None)
+                if busy is not None:
+                    raise JobBusy(f"a {busy['kind']} job (#{busy['id']}) is already running on this project", busy["id"], busy["kind"])
             return db.execute(
                 "INSERT INTO jobs (kind, state, params, started_at, pid) VALUES (?, 'queued', ?, ?, ?)",
                 (kind, json.dumps(params or {}, default=str), time.time(), os.getpid()),
@@ -521,7 +626,7 @@ class Store:
             sql += " WHERE state IN ('queued', 'running')"
         return [_job_record(r) for r in self.db.execute(sql + f" ORDER BY id DESC LIMIT {int(limit)}")]
 
-    def fail_orphaned_jobs(self, reason: str = "interrupted: the process running it ended") -> int:
+    def fail_orphaned_jobs(self, reason: str = INTERRUPTED) -> int:
         """Mark failed the jobs left queued/running by a process that no longer exists; returns how many."""
         rows = self.db.execute("SELECT id, pid FROM jobs WHERE state IN ('queued', 'running')").fetchall()
         dead = [r["id"] for r in rows if r["pid"] is None or not _process_alive(r["pid"])]
@@ -531,6 +636,25 @@ class Store:
                 [(reason, time.time(), job_id) for job_id in dead],
             )
         return len(dead)
+
+
+def check_category_name(name: str) -> str:
+    """``name`` stripped, or StoreError unless it is 1-64 unicode letters, digits, spaces and ``- _ . ' ( ) , + &``."""
+    name = name.strip() if isinstance(name, str) else ""
+    if not name:
+        raise StoreError("a category needs a non-empty name")
+    if len(name) > CATEGORY_NAME_MAX:
+        raise StoreError(f"a category name has at most {CATEGORY_NAME_MAX} characters ({len(name)} given)")
+    bad = sorted({ch for ch in name if not _name_char(ch)})
+    if bad:
+        shown = " ".join(repr(ch) for ch in bad)
+        raise StoreError(f"a category name may hold letters, digits, spaces and {' '.join(CATEGORY_NAME_PUNCTUATION.strip())} only, not {shown}")
+    return name
+
+
+def _name_char(ch: str) -> bool:
+    kind = unicodedata.category(ch)
+    return kind.startswith("L") or kind == "Nd" or ch in CATEGORY_NAME_PUNCTUATION
 
 
 def _process_alive(pid: int) -> bool:
@@ -557,10 +681,13 @@ def _label_event(row: sqlite3.Row) -> LabelEvent:
     return LabelEvent(row["id"], row["image_id"], row["category"], row["value"], row["source"], row["author"], row["created_at"], row["undoes"])
 
 
-def _model_record(row: sqlite3.Row) -> ModelRecord:
+def _model_record(row: sqlite3.Row, columns: list[tuple[int, int | None, str | None]]) -> ModelRecord:
+    """``columns``: (position, category id, current name) from model_categories; unmapped ones keep the trained name."""
+    trained = json.loads(row["categories"])
+    current = {position: (cid, name) for position, cid, name in columns}
     return ModelRecord(
         id=row["id"],
-        categories=json.loads(row["categories"]),
+        categories=[current.get(k, (None, None))[1] or trained[k] for k in range(len(trained))],
         mode=row["mode"],
         state=row["state"],
         config=json.loads(row["config"]),
@@ -572,6 +699,7 @@ def _model_record(row: sqlite3.Row) -> ModelRecord:
         train_seconds=row["train_seconds"],
         error=row["error"],
         created_at=row["created_at"],
+        category_ids=[current.get(k, (None, None))[0] for k in range(len(trained))],
     )
 
 

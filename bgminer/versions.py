@@ -1,18 +1,33 @@
 """Per-model-version artifacts on disk: which images were scored, their per-category
 scores and their trunk embeddings (the vectors the FAISS index is built from).
 
-``scores/v0007/{ids,scores,embeddings}.npy``; embeddings are float16 and memory-mapped.
-Each folder is written under a temporary name and renamed, so readers see all or nothing.
+Layout of ``scores/``::
+
+    v0007.g3/{ids,scores,embeddings}.npy    version 7, generation 3: its current scores
+    .v0007.<pid>-<thread>-<nonce>.tmp/      a writer's folder until it commits
+    v0007/                                  a version written before generations existed (generation 0)
+
+Embeddings are float16 and memory-mapped. A writer fills a folder under a name unique to it,
+fsyncs it and renames it to the next generation in one step; older generations are deleted
+only after that. Readers take the highest generation, so a rescore never leaves a moment in
+which the version has no scores: they see the old generation or the whole new one.
 """
 
 from __future__ import annotations
 
+import errno
+import operator
 import os
+import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from .fsutil import ensure_free, fsync_dir, temp_name
+
+FILES = ("ids.npy", "scores.npy", "embeddings.npy")
 
 
 @dataclass
@@ -21,31 +36,55 @@ class VersionScores:
     scores: np.ndarray  # float32 [N, K]
     categories: list[str]
     embeddings_path: Path
+    embeddings_map: np.ndarray | None = field(default=None, repr=False)  # opened with the rest, so a newer generation cannot pull it away
 
     def embeddings(self) -> np.ndarray:
-        return np.load(self.embeddings_path, mmap_mode="r")
+        return self.embeddings_map if self.embeddings_map is not None else np.load(self.embeddings_path, mmap_mode="r")
 
     def column(self, category: str) -> np.ndarray:
         return self.scores[:, self.categories.index(category)]
 
 
-def version_dir(scores_dir: Path, model_id: int) -> Path:
-    return Path(scores_dir) / f"v{model_id:04d}"
+def _name(model_id: int) -> str:
+    if isinstance(model_id, bool) or operator.index(model_id) < 0:
+        raise ValueError(f"a model version is a non-negative integer, not {model_id!r}")
+    return f"v{operator.index(model_id):04d}"
+
+
+def generations(scores_dir: Path, model_id: int) -> list[tuple[int, Path]]:
+    """(generation, folder) of every committed generation of version ``model_id``, oldest first."""
+    name = _name(model_id)
+    pattern = re.compile(rf"{name}(?:\.g(\d+))?")
+    try:
+        names = os.listdir(scores_dir)
+    except FileNotFoundError:
+        return []
+    # By name alone: a stat here could miss a generation deleted a moment after the listing, while its successor came too late to be listed.
+    return sorted((int(m.group(1) or 0), Path(scores_dir) / n) for n in names if (m := pattern.fullmatch(n)))
+
+
+def version_dir(scores_dir: Path, model_id: int) -> Path | None:
+    """The folder holding version ``model_id``'s current scores, or None before there are any."""
+    found = generations(scores_dir, model_id)
+    return found[-1][1] if found else None
 
 
 class VersionWriter:
-    """Writes one version's folder chunk by chunk: memory-mapped arrays in ``<folder>.tmp``, renamed
-    over the old folder by :meth:`commit`, so readers see the old version or the whole new one.
+    """Writes one version's scores chunk by chunk: memory-mapped arrays in a temporary folder of its
+    own, which :meth:`commit` publishes as the version's next generation.
 
     ``folder`` (the temporary one) may also hold a producer's scratch files until the commit.
     """
 
     def __init__(self, scores_dir: Path, model_id: int, ids: np.ndarray, embedding_dim: int, n_categories: int):
-        self.final = version_dir(scores_dir, model_id)
-        self.folder = self.final.with_name(self.final.name + ".tmp")
-        shutil.rmtree(self.folder, ignore_errors=True)
-        self.folder.mkdir(parents=True)
+        self.scores_dir, self.model_id = Path(scores_dir), model_id
+        name = _name(model_id)
+        self.scores_dir.mkdir(parents=True, exist_ok=True)
+        _remove_dead_writers(self.scores_dir, name)
         self.ids = np.asarray(ids, dtype=np.int64)
+        ensure_free(self.scores_dir, len(self.ids) * (8 + 2 * embedding_dim + 4 * n_categories))
+        self.folder = temp_name(self.scores_dir / name)
+        self.folder.mkdir()
         np.save(self.folder / "ids.npy", self.ids)
         open_memmap = np.lib.format.open_memmap
         self._embeddings = open_memmap(self.folder / "embeddings.npy", mode="w+", dtype=np.float16, shape=(len(self.ids), embedding_dim))
@@ -57,21 +96,69 @@ class VersionWriter:
         self._scores[start : start + len(scores)] = scores
 
     def commit(self) -> Path:
+        """Make the written folder the version's current generation (durably), then drop older ones."""
         self._embeddings.flush()
         self._scores.flush()
-        del self._embeddings, self._scores
-        shutil.rmtree(self.final, ignore_errors=True)
-        os.replace(self.folder, self.final)
-        return self.final
+        self._embeddings = self._scores = None  # unmapped
+        for entry in self.folder.iterdir():
+            if entry.is_dir():
+                shutil.rmtree(entry)
+            elif entry.name not in FILES:  # scratch files of the producer
+                entry.unlink()
+        for name in FILES:
+            with open(self.folder / name, "rb+") as f:
+                os.fsync(f.fileno())
+        fsync_dir(self.folder)
+        while True:
+            found = generations(self.scores_dir, self.model_id)
+            final = self.scores_dir / f"{_name(self.model_id)}.g{found[-1][0] + 1 if found else 1}"
+            try:
+                os.rename(self.folder, final)
+                break
+            except OSError as exc:  # another writer of this version took that generation first
+                if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                    raise
+        fsync_dir(self.scores_dir)
+        for _, older in found:
+            shutil.rmtree(older, ignore_errors=True)
+        return final
+
+    def abort(self) -> None:
+        """Drop the uncommitted folder (a failed or cancelled run); nothing to do after a commit."""
+        self._embeddings = self._scores = None
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _remove_dead_writers(scores_dir: Path, name: str) -> None:
+    """Delete temporary folders of ``name`` whose writer process no longer runs (killed mid-write)."""
+    for entry in scores_dir.glob(f".{name}.*.tmp"):
+        pid = entry.name[len(name) + 2 :].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def read_version(scores_dir: Path, model_id: int, categories: list[str]) -> VersionScores | None:
-    folder = version_dir(scores_dir, model_id)
-    if not (folder / "ids.npy").exists():
-        return None
-    return VersionScores(
-        ids=np.load(folder / "ids.npy"),
-        scores=np.load(folder / "scores.npy"),
-        categories=list(categories),
-        embeddings_path=folder / "embeddings.npy",
-    )
+    """The current scores of version ``model_id`` (an integer id, never a name from elsewhere), or None before they exist."""
+    failed: Path | None = None
+    while True:
+        folder = version_dir(scores_dir, model_id)
+        if folder is None or folder == failed:
+            return None  # none yet, or the current generation is incomplete (not written by this module)
+        try:
+            ids = np.load(folder / "ids.npy")
+            scores = np.load(folder / "scores.npy")
+            embeddings = np.load(folder / "embeddings.npy", mmap_mode="r")
+        except FileNotFoundError:  # a newer generation replaced this one while we read: read that one
+            failed = folder
+            continue
+        return VersionScores(ids, scores, list(categories), folder / "embeddings.npy", embeddings)

@@ -123,11 +123,13 @@ def test_every_page_without_a_project_points_to_the_sidebar(tmp_path, page):
     assert at.sidebar.button(key="project_build_demo")
 
 
-def test_sidebar_creates_a_new_project(tmp_path):
+def test_sidebar_creates_a_new_project_by_name_in_the_projects_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("BGMINER_PROJECTS_DIR", str(tmp_path))
     at = app(tmp_path / "nothing-here")
-    at.sidebar.text_input(key="project_path_input").set_value(str(tmp_path / "new"))
+    at.sidebar.text_input(key="project_new_slug").set_value("new")
     at.sidebar.button(key="project_create").click().run()
     assert (tmp_path / "new" / "bgminer.sqlite").exists()
+    assert at.sidebar.selectbox(key="project_select").value == str(tmp_path / "new")
     assert metric(at, "Images") == "0"
     assert "No images yet" in texts(at.info)
 

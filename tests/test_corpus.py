@@ -18,6 +18,7 @@ from PIL import Image
 
 from bgminer.corpus import IngestError, extract_zip, ingest, thumbnail_path
 from bgminer.progress import Cancelled, CancelToken
+from bgminer.settings import Limits
 from bgminer.store import Store
 
 
@@ -182,7 +183,7 @@ def test_zip_contents_are_extracted_into_uploads_and_ingested_once(project, tmp_
     second = run(project, [archive])
     _, _, uploads = project
     (extracted,) = uploads.resolve().iterdir()
-    assert extracted.name.startswith("batch-") and len(extracted.name) == len("batch-") + 8
+    assert extracted.name.startswith("batch-") and len(extracted.name) == len("batch-") + 16
     assert (first.added, first.total_seen) == (2, 2)
     assert sorted(project[0].image_paths(project[0].image_ids()).values()) == [str(extracted / "sub" / "inner.png"), str(extracted / "top.png")]
     assert (second.added, second.skipped_known) == (0, 2)
@@ -210,7 +211,7 @@ def test_zip_that_unpacks_past_the_size_cap_is_refused(tmp_path):
     archive = make_zip(tmp_path / "bomb.zip", {"zeros.png": bytes(4 * 2**20)})
     assert archive.stat().st_size < 2**20
     with pytest.raises(IngestError, match="zip bomb"):
-        extract_zip(archive, tmp_path / "uploads", max_bytes=2**20)
+        extract_zip(archive, tmp_path / "uploads", Limits(archive_bytes=2**20, archive_ratio=10_000))
     assert not (tmp_path / "uploads").exists()
 
 

@@ -31,6 +31,7 @@ from bgminer.export import (
     write_scores,
 )
 from bgminer.project import Project
+from bgminer.settings import local_user
 from bgminer.train import TrainConfig
 
 REPO = Path(__file__).resolve().parent.parent
@@ -211,7 +212,7 @@ def test_labels_csv_holds_every_label_with_its_current_score(trained, tmp_path):
     scores = app_scores(trained.project)
     assert {r["label"] for r in rows} == {"positive", "negative"}
     assert all(abs(float(r["score"]) - scores[r["path"]]) < 1e-6 for r in rows)
-    assert all(r["author"] == "user" and r["updated_at"].endswith("+00:00") for r in rows)
+    assert all(r["author"] == local_user() and r["updated_at"].endswith("+00:00") for r in rows)
 
 
 def test_labels_csv_round_trip_into_a_new_project(trained, tmp_path):

@@ -33,16 +33,16 @@ def test_current_label_is_latest_event(store):
 
 
 def test_undo_restores_previous_value_step_by_step(store):
-    store.add_labels("cat", [(1, "positive")])
-    store.add_labels("cat", [(1, "negative")])
-    store.add_labels("cat", [(2, "positive")])
-    assert store.undo().image_id == 2
+    store.add_labels("cat", [(1, "positive")], author="ann")
+    store.add_labels("cat", [(1, "negative")], author="ann")
+    store.add_labels("cat", [(2, "positive")], author="ann")
+    assert store.undo("cat", "ann").image_id == 2
     assert store.labels("cat") == {1: "negative"}
-    assert store.undo().value == "negative"
+    assert store.undo("cat", "ann").value == "negative"
     assert store.labels("cat") == {1: "positive"}
-    store.undo()
+    store.undo("cat", "ann")
     assert store.labels("cat") == {}
-    assert store.undo() is None
+    assert store.undo("cat", "ann") is None
 
 
 def test_cleared_label_disappears(store):
@@ -127,3 +127,29 @@ def test_a_version_1_store_is_migrated_in_place(tmp_path):
     s = Store(path)
     assert s.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     assert s.job(1).kind == "embed"
+
+
+def test_a_version_2_store_keys_models_and_validation_samples_by_category_id(tmp_path):
+    import sqlite3
+
+    from bgminer.store import MIGRATIONS, _split_sql
+
+    path = tmp_path / "v2.sqlite"
+    db = sqlite3.connect(path)
+    for script in MIGRATIONS[:2]:
+        for statement in _split_sql(script):
+            db.execute(statement)
+    db.execute("PRAGMA user_version = 2")
+    db.execute("INSERT INTO categories (id, name, created_at) VALUES (1, 'dog', 0), (2, 'cat', 0)")
+    db.execute("INSERT INTO models (categories, mode, state, created_at) VALUES ('[\"cat\", \"gone\", \"dog\"]', 'adapter', 'ready', 0)")
+    db.execute("INSERT INTO meta (key, value) VALUES ('validation:cat', '{\"ids\": [1]}'), ('validation:gone', '{}'), ('backbone', 'x')")
+    db.commit()
+    db.close()
+
+    s = Store(path)
+
+    assert s.model(1).category_ids == [2, None, 1] and s.model(1).categories == ["cat", "gone", "dog"]
+    assert dict(s.db.execute("SELECT key, value FROM meta")) == {"validation:2": '{"ids": [1]}', "backbone": "x"}
+    s.rename_category("cat", "feline")
+    assert s.model(1).categories == ["feline", "gone", "dog"]
+    assert s.active_model("feline").id == 1 and s.active_model("gone") is None
