@@ -182,7 +182,8 @@ def job_panel(project: Project) -> None:
                 key=f"job-cancel-{job.id}",
                 icon=":material/cancel:",
                 type="tertiary",
-                disabled=job.cancel_requested,
+                disabled=job.cancel_requested or not common.is_admin(),
+                help=None if common.is_admin() else "Only an admin may cancel jobs.",
                 on_click=common.job_runner(project).cancel,
                 args=(job.id,),
             )

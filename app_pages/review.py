@@ -237,7 +237,7 @@ with main:
                 st.error(f"#{head.image_id} can no longer be read from {code(head.path)}; skip it.")
             else:
                 st.image(image, width="content")
-            st.caption(f"#{head.image_id} · {score_text(head.score)} · {len(q.items)} in queue · {code(head.path)}")
+            st.caption(" · ".join(part for part in (f"#{head.image_id}", score_text(head.score), f"{len(q.items)} in queue", code(head.path)) if part))
         actions = {
             "positive": ("Positive", ":material/thumb_up:", "primary", decide, (head.image_id, "positive")),
             "negative": ("Negative", ":material/thumb_down:", "secondary", decide, (head.image_id, "negative")),

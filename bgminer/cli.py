@@ -342,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "project", None) is not None:  # BGMINER_PROJECTS_DIR: projects live only there
             load_settings().check_project_folder(args.project)
         return args.fn(args)
-    except (ValueError, FileNotFoundError, PermissionError) as exc:
+    except (ValueError, OSError) as exc:  # bad input, missing files, permissions, a full disk (DiskSpaceError)
         print(f"bgminer: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

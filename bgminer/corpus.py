@@ -217,8 +217,9 @@ def _rejected_row(path: str, reason: str, detail: str) -> dict[str, Any]:
     return {"path": path, "status": "rejected", "reason": reason, "detail": detail}
 
 
-def extract_zip(zip_path: Path, uploads_dir: Path, limits: Limits | None = None, stem: str | None = None) -> Path:
+def extract_zip(zip_path: Path, uploads_dir: Path, limits: Limits | None = None, stem: str | None = None, label: str | None = None) -> Path:
     """Unpack an archive into ``uploads_dir/<stem>-<sha256[:16]>/`` (once; later calls reuse it).
+    ``label`` names the archive in error messages (default: its file name).
 
     Every entry is checked before anything is written: absolute paths, ``..`` components,
     symlinks, encrypted entries, more entries or uncompressed bytes than ``limits`` allow, and
@@ -228,16 +229,17 @@ def extract_zip(zip_path: Path, uploads_dir: Path, limits: Limits | None = None,
     (disk full, DiskSpaceError, I/O) propagate as OSError. Nothing is left behind on failure.
     """
     limits = load_settings().limits if limits is None else limits
+    label = label or zip_path.name
     with open(zip_path, "rb") as fp:
         digest = _sha256(fp)
         fp.seek(0)
-        _check_entry_count(fp, zip_path.name, limits)
+        _check_entry_count(fp, label, limits)
     target = uploads_dir / f"{stem or zip_path.stem}-{digest[:16]}"
     if target.is_dir():
         return target
     try:
         with zipfile.ZipFile(zip_path) as archive:
-            entries = _checked_entries(archive, zip_path.name, limits)
+            entries = _checked_entries(archive, label, limits)
             need = sum(info.file_size for info, _ in entries)
             ensure_free(uploads_dir, need, limits.disk_reserve_bytes)
             uploads_dir.mkdir(parents=True, exist_ok=True)
@@ -248,12 +250,12 @@ def extract_zip(zip_path: Path, uploads_dir: Path, limits: Limits | None = None,
                 for info, relative in entries:
                     dest = partial_dir.joinpath(*relative.parts)
                     dest.parent.mkdir(parents=True, exist_ok=True)
-                    _unpack_entry(archive, info, dest, zip_path.name, guard)
+                    _unpack_entry(archive, info, dest, label, guard)
                 _publish(partial_dir, target)
             finally:
                 shutil.rmtree(partial_dir, ignore_errors=True)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, zlib.error, NotImplementedError) as e:
-        raise IngestError(f"{zip_path.name} is not a readable zip archive: {e}") from e
+        raise IngestError(f"{label} is not a readable zip archive: {e}") from e
     return target
 
 

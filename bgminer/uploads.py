@@ -109,7 +109,7 @@ def _save_one(uploads_dir: Path, name: str, content: bytes | BinaryIO, size: int
     if PurePosixPath(name.replace("\\", "/")).suffix.lower() == ".zip":
         tmp, _ = _write_temp(web, content, ".zip")
         try:
-            return extract_zip(tmp, uploads_dir, replace(limits, archive_bytes=min(limits.archive_bytes, room)), stem=ZIP_STEM)
+            return extract_zip(tmp, uploads_dir, replace(limits, archive_bytes=min(limits.archive_bytes, room)), stem=ZIP_STEM, label=PurePosixPath(name.replace("\\", "/")).name)
         except IngestError as e:
             raise UploadRefused(str(e)) from e
         finally:

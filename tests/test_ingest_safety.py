@@ -317,6 +317,13 @@ def test_an_uploaded_zip_is_unpacked_with_the_limits_and_leaves_no_copy(tmp_path
     assert stored_files(uploads) == sorted(folder.iterdir())
 
 
+def test_a_broken_uploaded_zip_is_refused_under_its_own_name(tmp_path):
+    result = save_uploads(tmp_path / "uploads", [("holiday.zip", b"PK\x03\x04 not really a zip")], NO_RESERVE)
+    ((name, why),) = result.refused
+    assert name == "holiday.zip" and why.startswith("holiday.zip is not a readable zip archive")
+    assert ".upload-" not in why and not result.saved
+
+
 @pytest.mark.parametrize(
     ("limits", "refused", "message"),
     [
