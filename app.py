@@ -15,7 +15,7 @@ import streamlit as st
 
 from app_pages import common
 from app_pages.text import code, md_escape
-from bgminer.cli import build_demo_project
+from bgminer.demo import build_demo_project
 from bgminer.project import Project
 from bgminer.settings import Settings, SettingsError, serving_problem
 
@@ -77,9 +77,12 @@ def _on_build_demo(root: str) -> None:
     if not common.is_admin():
         st.session_state["project_error"] = "Only an admin may build the demo project."
         return
+    def build(progress, cancel) -> dict:
+        return build_demo_project(root, progress=progress).info()
+
     try:
         project = common.open_project(Project.create(root).root)
-        common.job_runner(project).start("demo", lambda progress, cancel: build_demo_project(project.root, progress=progress).info(), {})
+        common.job_runner(project).start("demo", build, {})
     except (*common.BAD_INPUT, RuntimeError) as exc:
         st.session_state["project_error"] = f"Could not build the demo: {md_escape(exc)}"
 
@@ -144,7 +147,7 @@ def identity(config: Settings, user: str, admin: bool) -> None:
 
 
 def category_picker(project: Project) -> None:
-    categories = project.store.categories()
+    categories = project.categories()
     if not categories:
         st.caption("No categories yet: create one on the Find page.")
         return
@@ -154,7 +157,7 @@ def category_picker(project: Project) -> None:
 
 def model_badge(project: Project) -> None:
     category = common.active_category(project)
-    model = project.store.active_model(category) if category else None
+    model = project.active_model(category) if category else None
     if model is None:
         st.caption("Model: none yet (train one on the Train page)")
         return
@@ -164,7 +167,7 @@ def model_badge(project: Project) -> None:
 
 def job_panel(project: Project) -> None:
     """Running jobs with progress, ETA and cancel; the last finished job; reruns the page when a job ends."""
-    jobs = project.store.jobs(limit=10)
+    jobs = project.jobs(10)
     active = [j for j in jobs if j.active]
     seen = st.session_state.get(ACTIVE_JOB_IDS, set())
     now_active = {j.id for j in active}

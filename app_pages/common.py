@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +19,13 @@ import streamlit as st
 from streamlit.runtime.context import StreamlitHeaders
 
 from app_pages.text import md_escape
-from bgminer.jobs import JobLimitError, JobRunner
+from bgminer.imageio import IMAGE_SUFFIXES
+from bgminer.jobs import JobRunner
+from bgminer.loop import Decision, Miner
 from bgminer.progress import CancelToken, ProgressFn
 from bgminer.project import Project, ProjectError
 from bgminer.settings import Settings, SettingsError, clean_identity, load_settings, local_user
-from bgminer.store import JobRecord, StoreError
+from bgminer.store import JobRecord, LabelEvent, StoreError
 from bgminer.train import TrainConfig
 
 DEMO_SLUG = "demo"
@@ -39,9 +40,9 @@ PAGES = {
 PROJECT_ROOT = "project_root"  # folder of the open project
 CATEGORY = "category"  # active category (the sidebar selectbox writes it)
 STATE_KEYS = (PROJECT_ROOT, CATEGORY)
-AUTO_RETRAIN_META = "ui.auto_retrain_after"  # store meta: retrain after this many new labels (0 = off)
 LABEL_ICONS = {"positive": ":material/thumb_up:", "negative": ":material/thumb_down:"}
 BAD_INPUT = (ProjectError, StoreError, SettingsError, ValueError, OSError)
+IMAGE_TYPES = sorted(suffix[1:] for suffix in IMAGE_SUFFIXES)  # what file uploaders accept: every image suffix
 
 
 # -- settings + people --------------------------------------------------------------------
@@ -107,8 +108,8 @@ def _job_runner(root: str) -> JobRunner:
     project = _open_project(root)
     # A new runner means no job of this app process is alive: rows still marked running
     # were left by a process that died.
-    project.store.fail_orphaned_jobs()
-    return JobRunner(project.store)
+    project.fail_orphaned_jobs()
+    return project.job_runner()
 
 
 def initial_project_root() -> str:
@@ -156,15 +157,18 @@ def require_project() -> Project:
 
 
 def require_images(project: Project) -> None:
-    if project.store.image_count("ok") == 0:
-        st.info("This project has no images yet. Add a folder, files or a .zip on the Corpus page.", icon=":material/photo_library:")
+    if project.corpus_counts().images == 0:
+        st.info(
+            "This project has no images yet. Add a folder, files or a .zip on the Corpus page.",
+            icon=":material/photo_library:",
+        )
         st.page_link(PAGES["corpus"], label="Go to Corpus", icon=":material/arrow_forward:")
         st.stop()
 
 
 def active_category(project: Project) -> str | None:
     """The sidebar's category if it still exists, else the first one (or None)."""
-    categories = project.store.categories()
+    categories = project.categories()
     current = st.session_state.get(CATEGORY)
     if current in categories:
         return current
@@ -187,41 +191,29 @@ def set_category(name: str) -> None:
 
 # -- labels -------------------------------------------------------------------------------
 def label_counts(project: Project, category: str) -> dict[str, int]:
-    counts = project.store.label_counts().get(category, {})
+    counts = project.label_counts().get(category, {})
     return {"positive": int(counts.get("positive", 0)), "negative": int(counts.get("negative", 0))}
 
 
-def auto_retrain_after(project: Project) -> int:
-    return int(project.store.get_meta(AUTO_RETRAIN_META, "0") or 0)
+def miner(project: Project, category: str, strategy: str = "most-likely") -> Miner:
+    """The current person's review loop for ``category``, held to a non-admin's training caps."""
+    return Miner(project, category, _author(), strategy, limits=None if is_admin() else settings().limits)
 
 
-def labels_since_model(project: Project, category: str) -> int | None:
-    """Labels of ``category`` added since its active model was trained (None without a model)."""
-    model = project.store.active_model(category)
-    if model is None:
-        return None
-    then = model.label_counts.get(category, {})
-    now = label_counts(project, category)
-    return max(0, sum(now.values()) - int(then.get("positive", 0)) - int(then.get("negative", 0)))
-
-
-def apply_label(project: Project, category: str, image_ids: Sequence[int], value: str, source: str = "user") -> None:
+def apply_label(project: Project, category: str, image_ids: Sequence[int], value: str, source: str = "user") -> list[Decision]:
     """Write the current person's decision (durable on return), then retrain in the background if
-    the project asks for it (skipped while a limit refuses it: a later label retries)."""
-    project.label(category, list(image_ids), value, source=source, author=_author())
-    every = auto_retrain_after(project)
-    fresh = labels_since_model(project, category)
-    if every > 0 and fresh is not None and fresh >= every and not active_jobs(project, "train"):
-        try:
-            start_training(project, category)
-        except JobLimitError:
-            pass
+    the project asks for it (skipped while a limit refuses it: a later label retries). Returns
+    the decisions, each saying whose label it replaced when that was someone else's."""
+    loop = miner(project, category)
+    decisions = loop.decide_many(image_ids, value, source=source)
+    loop.retrain_if_due(job_runner(project))
+    return decisions
 
 
-def undo_label(project: Project, category: str):
+def undo_label(project: Project, category: str) -> LabelEvent | None:
     """Undo the current person's latest decision in ``category`` (None when there is none).
     Raises :class:`bgminer.store.UndoConflict` when someone else changed that image since."""
-    return project.undo(category, author=_author())
+    return miner(project, category).undo()
 
 
 def _author() -> str:
@@ -233,7 +225,7 @@ def _author() -> str:
 
 # -- background jobs ----------------------------------------------------------------------
 def active_jobs(project: Project, kind: str | None = None) -> list[JobRecord]:
-    return [j for j in project.store.jobs(limit=50, active_only=True) if kind is None or j.kind == kind]
+    return [j for j in project.jobs(50, active_only=True) if kind is None or j.kind == kind]
 
 
 def _staged(progress: ProgressFn, stage: int, stages: int, label: str) -> ProgressFn:
@@ -263,29 +255,10 @@ def start_ingest(project: Project, sources: Sequence[str | Path]) -> int:
     return job_runner(project).start("ingest", work, {"sources": sources})
 
 
-def check_training_allowed(config: TrainConfig) -> None:
-    """Raise :class:`JobLimitError` when a non-admin asks for a round beyond ``BGMINER_USER_MODES``
-    or ``BGMINER_USER_MAX_EPOCHS``; admins (and the local user without sign-in) may train freely."""
-    if is_admin():
-        return
-    limits = settings().limits
-    if config.mode not in limits.user_modes:
-        raise JobLimitError(f"only an admin may train in {config.mode} mode (allowed: {', '.join(limits.user_modes) or 'none'})")
-    if (config.epochs or 0) > limits.user_max_epochs:
-        raise JobLimitError(f"only an admin may train more than {limits.user_max_epochs} epochs (asked for {config.epochs})")
-
-
 def start_training(project: Project, category: str, config: TrainConfig | None = None) -> int:
-    """One training round as a background job, within the caps on what a non-admin may start."""
-    config = config or TrainConfig()
-    check_training_allowed(config)
-
-    def work(progress: ProgressFn, cancel: CancelToken) -> Any:
-        record = project.train(category, config, progress=progress, cancel=cancel)
-        return {"model_id": record.id, "state": record.state}
-
-    params = {"category": category, "config": asdict(config)}
-    return job_runner(project).start("train", work, params)
+    """One training round as a background job, within the caps on what a non-admin may start
+    (:class:`bgminer.jobs.JobLimitError` when refused)."""
+    return miner(project, category).train(config, runner=job_runner(project))
 
 
 def eta_seconds(job: JobRecord, now: float | None = None) -> float | None:
@@ -354,12 +327,14 @@ def thumbnail_grid(
 ) -> None:
     """A grid of :func:`thumbnail_card` for ``(image_id, caption)`` pairs; a label someone else
     made shows who made it."""
-    labels = project.store.labels(category) if category is not None else {}
+    labels = project.labels(category) if category is not None else {}
     me = current_user()
-    others = {i: a for i, a in project.store.label_authors(category).items() if a != me} if category is not None else {}
+    others = {i: a for i, a in project.label_authors(category).items() if a != me} if category is not None else {}
     with st.container(key=f"grid-{key}"):
         for start in range(0, len(items), columns):
             cells = st.columns(columns)
-            for cell, (image_id, caption) in zip(cells, items[start : start + columns]):
+            row = items[start : start + columns]
+            for cell, (image_id, caption) in zip(cells[: len(row)], row, strict=True):
                 with cell:
-                    thumbnail_card(project, category, image_id, caption, labels.get(image_id), key, on_more_like_this, others.get(image_id))
+                    current, by = labels.get(image_id), others.get(image_id)
+                    thumbnail_card(project, category, image_id, caption, current, key, on_more_like_this, by)

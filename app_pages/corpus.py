@@ -14,7 +14,6 @@ from app_pages.text import code, md_escape
 from bgminer.settings import MiB, OutsideDataRoots
 from bgminer.uploads import save_uploads
 
-IMAGE_TYPES = ["jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"]
 GRID_COLUMNS = 6
 GRID_ROWS = 4
 FOLDER_INPUT = "corpus_folder"
@@ -23,21 +22,24 @@ GRID_PAGE = "corpus_grid_page"
 REFUSALS_SHOWN = 20  # refused uploads listed one by one
 
 project = common.require_project()
-store = project.store
 config = common.settings()
 
 st.header("Corpus", anchor=False)
 st.caption("The images bgminer searches. Files stay where they are; only uploads are copied into the project.")
 
+corpus = project.corpus_counts()
 cols = st.columns(4)
-cols[0].metric("Images", f"{store.image_count('ok'):,}")
-cols[1].metric("Embedded", f"{store.embedded_count():,}")
-cols[2].metric("Rejected", f"{store.image_count('rejected'):,}")
-cols[3].metric("Categories", len(store.categories()))
+cols[0].metric("Images", f"{corpus.images:,}")
+cols[1].metric("Embedded", f"{corpus.embedded:,}")
+cols[2].metric("Rejected", f"{corpus.rejected:,}")
+cols[3].metric("Categories", len(project.categories()))
 
 running = common.active_jobs(project, "ingest")
 if running:
-    st.info(f"Adding images (job #{running[0].id}); progress is in the sidebar. New images appear here when it finishes.", icon=":material/hourglass_top:")
+    st.info(
+        f"Adding images (job #{running[0].id}); progress is in the sidebar. New images appear here when it finishes.",
+        icon=":material/hourglass_top:",
+    )
 
 
 def start(sources: list[str | Path]) -> None:
@@ -74,7 +76,10 @@ def add_uploads(files: list) -> None:
         lines = [f"- {md_escape(name)}: {md_escape(reason)}" for name, reason in result.refused[:REFUSALS_SHOWN]]
         if len(result.refused) > REFUSALS_SHOWN:
             lines.append(f"- and {len(result.refused) - REFUSALS_SHOWN:,} more")
-        st.error(f"Refused {len(result.refused):,} of {len(files):,} files (nothing of them was kept):\n" + "\n".join(lines), icon=":material/block:")
+        st.error(
+            f"Refused {len(result.refused):,} of {len(files):,} files (nothing of them was kept):\n" + "\n".join(lines),
+            icon=":material/block:",
+        )
     if result.saved:
         start(result.saved)
 
@@ -84,15 +89,17 @@ if not common.is_admin():
 else:
     add_folder, add_upload = st.tabs(["Server folder", "Upload files or .zip"])
     with add_folder:
+        roots = f" Only folders inside the data roots ({code('BGMINER_DATA_ROOTS')}) can be added." if config.data_roots else ""
         with st.form("corpus_folder_form", border=False):
             st.text_input(
                 "Folder on the server",
                 key=FOLDER_INPUT,
                 placeholder="/data/camera-trap/2024",
-                help="Searched recursively. A .zip archive or a .csv list of paths works too."
-                + (f" Only folders inside the data roots ({code('BGMINER_DATA_ROOTS')}) can be added." if config.data_roots else ""),
+                help="Searched recursively. A .zip archive or a .csv list of paths works too." + roots,
             )
-            submitted = st.form_submit_button("Add folder", icon=":material/create_new_folder:", type="primary", key="corpus_add_folder")
+            submitted = st.form_submit_button(
+                "Add folder", icon=":material/create_new_folder:", type="primary", key="corpus_add_folder"
+            )
         if submitted:
             raw = st.session_state[FOLDER_INPUT].strip()
             if not raw:
@@ -107,13 +114,15 @@ else:
         with st.form("corpus_upload_form", border=False, clear_on_submit=True):
             files = st.file_uploader(
                 "Images or .zip archives",
-                type=IMAGE_TYPES + ["zip"],
+                type=[*common.IMAGE_TYPES, "zip"],
                 accept_multiple_files=True,
                 key=UPLOADER,
                 max_upload_size=max(1, limits.upload_file_bytes // MiB),
                 help=f"Up to {limits.upload_submit_files:,} files and {limits.upload_submit_bytes / MiB:,.0f} MB per submit.",
             )
-            submitted = st.form_submit_button("Add uploaded files", icon=":material/upload:", type="primary", key="corpus_add_upload")
+            submitted = st.form_submit_button(
+                "Add uploaded files", icon=":material/upload:", type="primary", key="corpus_add_upload"
+            )
         if submitted:
             if not files:
                 st.error("Choose one or more image files or a .zip archive first.")
@@ -121,18 +130,21 @@ else:
                 add_uploads(files)
 
 st.subheader("Browse", anchor=False)
-total = store.image_count("ok")
+total = corpus.images
 if total == 0:
-    st.info("No images yet. Add a server folder or upload images above; they are embedded in the background.", icon=":material/photo_library:")
+    st.info(
+        "No images yet. Add a server folder or upload images above; they are embedded in the background.",
+        icon=":material/photo_library:",
+    )
 else:
     per_page = GRID_COLUMNS * GRID_ROWS
     pages = (total + per_page - 1) // per_page
     page = st.number_input(f"Page (of {pages})", min_value=1, max_value=pages, value=1, step=1, key=GRID_PAGE)
-    rows = store.images("ok", limit=per_page, offset=(int(page) - 1) * per_page)
+    rows = project.image_page(per_page, offset=(int(page) - 1) * per_page)
     items = [(r["id"], f"#{r['id']} · {r['width']}×{r['height']}") for r in rows]
     common.thumbnail_grid(project, None, items, key="corpus", columns=GRID_COLUMNS)
 
-rejected = store.images("rejected", limit=1000)
+rejected = project.rejected_files(1000)
 if rejected:
     st.subheader("Rejected files", anchor=False)
     st.caption("These files were not added. Nothing else was affected; fix them and add them again if needed.")

@@ -12,12 +12,12 @@ import streamlit as st
 
 from app_pages import common
 from app_pages.text import code, md_escape
-from bgminer import export
+from bgminer.packaging import export_model
+from bgminer.tables import write_labels_csv, write_scores
 
 project = common.require_project()
 category = common.require_category(project)
-store = project.store
-model = store.active_model(category)
+model = project.active_model(category)
 slug = "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in category)
 folder = f"bgminer-{slug}-v{model.id}" if model is not None else ""
 
@@ -25,7 +25,7 @@ folder = f"bgminer-{slug}-v{model.id}" if model is not None else ""
 def model_zip() -> bytes:
     """The export folder (model.ts, metadata.json, state_dict.pt) as one zip, built on click."""
     with tempfile.TemporaryDirectory() as tmp:
-        result = export.export_model(project, category, Path(tmp) / folder)
+        result = export_model(project, category, Path(tmp) / folder)
         buf = io.BytesIO()
         with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
             for path in (result.model, result.metadata, result.state_dict):
@@ -35,14 +35,14 @@ def model_zip() -> bytes:
 
 def labels_csv() -> bytes:
     buf = io.StringIO()
-    export.write_labels_csv(project, buf)
+    write_labels_csv(project, buf)
     return buf.getvalue().encode("utf-8")
 
 
 def scores_csv() -> bytes:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "scores.csv"
-        export.write_scores(project, path, format="csv")
+        write_scores(project, path, format="csv")
         return path.read_bytes()
 
 
@@ -59,7 +59,10 @@ if not common.is_admin():
 
 st.subheader("Classifier", anchor=False)
 if model is None:
-    st.info(f"No trained model for **{md_escape(category)}** yet. Train one on the Train page to export it.", icon=":material/model_training:")
+    st.info(
+        f"No trained model for **{md_escape(category)}** yet. Train one on the Train page to export it.",
+        icon=":material/model_training:",
+    )
     st.page_link(common.PAGES["train"], label="Go to Train", icon=":material/arrow_forward:")
 else:
     st.download_button(
@@ -74,12 +77,13 @@ else:
     )
     st.caption(
         "One TorchScript file (`model.ts`: preprocessing + network, uint8 images of any size in, "
-        f"probabilities for {', '.join(md_escape(c) for c in model.categories)} out), its `metadata.json` (labels, config, metrics) "
+        f"probabilities for {', '.join(md_escape(c) for c in model.categories)} out), "
+        "its `metadata.json` (labels, config, metrics) "
         "and the plain `state_dict.pt`."
     )
     st.code(
         f"""# With bgminer installed (same decoding as the app, whole folders at once):
-from bgminer.export import predict
+from bgminer.packaging import predict
 for path, scores in predict({folder!r}, ["new-photos/"]):
     print(path, scores[{category!r}])
 
@@ -94,7 +98,7 @@ probs = model([read_image("photo.jpg", ImageReadMode.RGB)])   # [1, {len(model.c
     st.caption(f"The command line does the same: {code(f'bgminer predict {folder} new-photos/ --json')}.")
 
 st.subheader("Labels and scores", anchor=False)
-labeled = sum(sum(n.values()) for n in store.label_counts().values())
+labeled = sum(sum(n.values()) for n in project.label_counts().values())
 with st.container(horizontal=True):
     st.download_button(
         "Labels CSV",

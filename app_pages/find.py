@@ -31,7 +31,6 @@ RENAME_TO = "find_rename_to"
 
 project = common.require_project()
 common.require_images(project)
-store = project.store
 
 
 def more_like_this(image_id: int) -> None:
@@ -42,7 +41,7 @@ def more_like_this(image_id: int) -> None:
 def create_category() -> None:
     name = st.session_state[NEW_CATEGORY].strip()
     try:
-        store.add_category(name)
+        project.add_category(name)
     except common.BAD_INPUT as exc:
         st.session_state["find_category_error"] = str(exc)
         return
@@ -53,7 +52,7 @@ def create_category() -> None:
 def rename_category(old: str) -> None:
     new = st.session_state[RENAME_TO].strip()
     try:
-        store.rename_category(old, new)
+        project.rename_category(old, new)
     except common.BAD_INPUT as exc:
         st.session_state["find_category_error"] = str(exc)
         return
@@ -80,13 +79,16 @@ with st.expander("Categories", expanded=category is None, icon=":material/label:
             st.button("Rename", icon=":material/edit:", on_click=rename_category, args=(category,), key="find_rename_category")
     if error := st.session_state.pop("find_category_error", None):
         st.error(md_escape(error))
-    counts = store.label_counts()
+    counts = project.label_counts()
     if counts:
         table = [{"category": c, "positive": n.get("positive", 0), "negative": n.get("negative", 0)} for c, n in counts.items()]
         st.dataframe(pd.DataFrame(table), hide_index=True)
 
 if category is None:
-    st.info("Create a category above (the rare thing you are looking for); then label examples of it here.", icon=":material/label:")
+    st.info(
+        "Create a category above (the rare thing you are looking for); then label examples of it here.",
+        icon=":material/label:",
+    )
 else:
     n = common.label_counts(project, category)
     cols = st.columns(3)
@@ -126,7 +128,7 @@ elif mode == "text":
             st.warning("No ImageNet class name matches those words; try a more common word or browse instead.")
 
 elif mode == "upload":
-    upload = st.file_uploader("An example image", type=["jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"], key="find_upload")
+    upload = st.file_uploader("An example image", type=common.IMAGE_TYPES, key="find_upload")
     if upload is not None:
         data = upload.getvalue()
         try:

@@ -1,6 +1,7 @@
 """Review: the ranked queue for the active category, one large image at a time (keyboard first)
 or as a grid for batch decisions, with running counters, the discovery curve and the score
-histogram. Every decision is in the store before the next image shows."""
+histogram. The page drives :class:`bgminer.loop.Miner`: every decision and skip is in the
+store before the next image shows; the session keeps only the displayed queue."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import streamlit as st
 from app_pages import common
 from app_pages.text import code, md_escape
 from bgminer.imageio import ImageRejected, load_rgb, make_thumbnail
-from bgminer.rank import STRATEGIES
+from bgminer.rank import NEEDS_MODEL, STRATEGIES
 from bgminer.store import UndoConflict
 
 QUEUE_SIZE = 50
@@ -49,7 +50,6 @@ HISTOGRAM_SPEC = {
 STRATEGY = "review_strategy"
 VIEW = "review_view"
 QUEUE = "review_queue"  # session: ReviewQueue for the current (project, category, strategy, model)
-SKIPPED = "review_skipped"  # session: {(project, category): set of skipped image ids}
 NOTICES = "review_notices"  # session: Markdown lines to toast on the next run
 # Keys: visible button, then a hidden twin so both documented keys work.
 KEYS = {"positive": ("a", "y"), "negative": ("x", "n"), "skip": ("space", "s"), "undo": ("backspace", "u")}
@@ -64,8 +64,7 @@ class ReviewQueue:
 project = common.require_project()
 common.require_images(project)
 category = common.require_category(project)
-store = project.store
-model = store.active_model(category)
+model = project.active_model(category)
 counts = common.label_counts(project, category)
 
 
@@ -88,27 +87,20 @@ def score_histogram(root: str, category: str, model_id: int) -> pd.DataFrame | N
 
 
 def queue() -> ReviewQueue:
-    """The session's queue, refilled from the engine when empty or when its inputs changed."""
-    skipped = st.session_state.setdefault(SKIPPED, {}).setdefault((str(project.root), category), set())
+    """The session's queue, refilled from the Miner when empty or when its inputs changed."""
+    loop = common.miner(project, category, strategy)
     key = (str(project.root), category, strategy, None if model is None else model.id)
     current = st.session_state.get(QUEUE)
     if current is not None and current.key[:3] == key[:3] and current.key[3] != key[3] and model is not None:
         st.toast(f"Model v{model.id} is ready: the queue is re-ranked.", icon=":material/model_training:")
     if current is not None and current.key == key:
-        labeled = store.labels(category)  # another tab may have labeled some meanwhile
-        current.items = [c for c in current.items if c.image_id not in labeled and c.image_id not in skipped]
+        gone = set(project.labels(category)) | set(loop.skipped())  # another tab (or the CLI) may have acted meanwhile
+        current.items = [c for c in current.items if c.image_id not in gone]
         if current.items:
             return current
-    items = project.suggest(category, n=QUEUE_SIZE, strategy=strategy, exclude=sorted(skipped))
+    items = loop.query(QUEUE_SIZE)
     st.session_state[QUEUE] = ReviewQueue(key, items)
     return st.session_state[QUEUE]
-
-
-def others_labels(image_ids: list[int]) -> dict[int, tuple[str, str]]:
-    """``{image_id: (label, author)}`` for those of ``image_ids`` whose current label someone else made."""
-    me = common.current_user()
-    labels, authors = store.labels(category), store.label_authors(category)
-    return {i: (labels[i], authors[i]) for i in image_ids if i in labels and authors.get(i) != me}
 
 
 def notify(message: str) -> None:
@@ -117,9 +109,9 @@ def notify(message: str) -> None:
 
 def record(image_ids: list[int], value: str) -> None:
     """Record this person's decision, saying so when someone else labeled one of the images meanwhile."""
-    for image_id, (previous, author) in others_labels(image_ids).items():
-        notify(f"{md_escape(author)} had labeled #{image_id} {previous} meanwhile; your {value} replaces it.")
-    common.apply_label(project, category, image_ids, value, source="review")
+    for d in common.apply_label(project, category, image_ids, value, source="review"):
+        if d.replaced_author is not None:
+            notify(f"{md_escape(d.replaced_author)} had labeled #{d.image_id} {d.replaced} meanwhile; your {value} replaces it.")
 
 
 def decide(image_id: int, value: str) -> None:
@@ -128,7 +120,7 @@ def decide(image_id: int, value: str) -> None:
 
 
 def skip(image_id: int) -> None:
-    st.session_state.setdefault(SKIPPED, {}).setdefault((str(project.root), category), set()).add(image_id)
+    common.miner(project, category).skip(image_id)
     drop(image_id)
 
 
@@ -153,7 +145,7 @@ def undo() -> None:
     if q is not None and all(c.image_id != event.image_id for c in q.items):
         from bgminer.project import Candidate
 
-        q.items.insert(0, Candidate(event.image_id, store.image(event.image_id)["path"], None))
+        q.items.insert(0, Candidate(event.image_id, project.image_path(event.image_id), None))
 
 
 def save_grid(image_ids: list[int]) -> None:
@@ -185,7 +177,7 @@ if model is None and counts["positive"] == 0:
 if model is None:
     st.info("No model yet: candidates are the images nearest to your seeds. Train one for a real ranking.", icon=":material/model_training:")
 
-options = [*STRATEGIES, "validate"] if model is not None else [s for s in STRATEGIES if s in ("near-positives", "random")]
+options = list(STRATEGIES) if model is not None else [s for s in STRATEGIES if s not in NEEDS_MODEL]
 if st.session_state.get(STRATEGY) not in options:
     st.session_state[STRATEGY] = options[0]
 top = st.columns([3, 1], vertical_alignment="bottom")

@@ -10,7 +10,8 @@ import streamlit as st
 
 from app_pages import common
 from app_pages.text import code, md_escape
-from bgminer.model import MODES
+from bgminer.loop import labels_since_model
+from bgminer.modes import MODES
 from bgminer.train import TrainConfig
 
 MODE = "train_mode"
@@ -18,22 +19,16 @@ AUX_WEIGHT = "train_aux_weight"
 EPOCHS = "train_epochs"
 AUTO = "train_auto_retrain"
 AUTO_EVERY = "train_auto_every"
-MODE_HELP = {
-    "adapter": "seconds on a CPU: a small trunk on cached backbone features (default)",
-    "last-stage": "retrains the backbone's last stage from cached activations",
-    "full": "end-to-end fine-tuning from pixels; use a GPU",
-}
 
 project = common.require_project()
 common.require_images(project)
 category = common.require_category(project)
-store = project.store
 
 st.header(f"Train · {md_escape(category)}", anchor=False)
 admin = common.is_admin()
 counts = common.label_counts(project, category)
-model = store.active_model(category)
-fresh = common.labels_since_model(project, category)
+model = project.active_model(category)
+fresh = labels_since_model(project, category)
 cols = st.columns(4)
 cols[0].metric("Positives", counts["positive"])
 cols[1].metric("Negatives", counts["negative"])
@@ -41,7 +36,10 @@ cols[2].metric("Model", "none" if model is None else f"v{model.id}")
 cols[3].metric("New labels since model", "–" if fresh is None else fresh)
 
 if counts["positive"] == 0:
-    st.info(f"No positives for **{md_escape(category)}** yet. Label a few on the Find page, then train.", icon=":material/thumb_up:")
+    st.info(
+        f"No positives for **{md_escape(category)}** yet. Label a few on the Find page, then train.",
+        icon=":material/thumb_up:",
+    )
     st.page_link(common.PAGES["find"], label="Go to Find", icon=":material/arrow_forward:")
 
 config = TrainConfig()  # a non-admin's round: the defaults (start_training holds it to the caps)
@@ -49,7 +47,7 @@ if not admin:
     st.caption(f"Training uses the default settings; choosing the mode and epochs is for admins ({code('BGMINER_ADMINS')}).")
 else:
     with st.expander("Advanced", icon=":material/tune:"):
-        mode = st.selectbox("Mode", MODES, key=MODE, format_func=lambda m: f"{m} — {MODE_HELP[m]}")
+        mode = st.selectbox("Mode", list(MODES), key=MODE, format_func=lambda m: f"{m} — {MODES[m].help}")
         defaults = TrainConfig(mode=mode)
         left, right = st.columns(2)
         aux_weight = left.number_input(
@@ -59,9 +57,12 @@ else:
             value=defaults.aux_weight,
             step=0.01,
             key=AUX_WEIGHT,
-            help="Weight of the ImageNet pseudo-label loss that splits the background. Default 0.04 (measured best on clip art; the paper used 0.1).",
+            help="Weight of the ImageNet pseudo-label loss that splits the background. "
+            "Default 0.04 (measured best on clip art; the paper used 0.1).",
         )
-        epochs = right.number_input("Epochs", min_value=1, max_value=200, value=int(defaults.epochs), step=1, key=f"{EPOCHS}-{mode}")
+        epochs = right.number_input(
+            "Epochs", min_value=1, max_value=200, value=int(defaults.epochs), step=1, key=f"{EPOCHS}-{mode}"
+        )
         config = TrainConfig(mode=mode, aux_weight=float(aux_weight), epochs=int(epochs))
 
 training = common.active_jobs(project, "train")
@@ -98,7 +99,7 @@ if error := st.session_state.pop("train_error", None):
 
 def progress_panel() -> None:
     """Progress and loss of the newest round; refreshes itself while a round runs."""
-    jobs = [j for j in store.jobs(limit=20) if j.kind == "train"]
+    jobs = [j for j in project.jobs(20) if j.kind == "train"]
     if not jobs:
         st.caption("No training round yet.")
         return
@@ -109,12 +110,13 @@ def progress_panel() -> None:
         st.error(f"Training #{job.id} failed: {md_escape(job.error)}", icon=":material/error:")
     elif job.state == "cancelled":
         st.warning(f"Training #{job.id} was cancelled; the previous model stays active.")
-    latest = store.models()[:1]
+    latest = project.models()[:1]
     if latest and latest[0].losses:
         losses = pd.DataFrame(latest[0].losses)
         losses.index = pd.RangeIndex(1, len(losses) + 1, name="epoch")
         st.caption(f"Loss per epoch · model v{latest[0].id} ({latest[0].state})")
-        st.line_chart(losses.select_dtypes("number").drop(columns=["epoch"], errors="ignore"), x_label="epoch", y_label="loss", height=220)
+        curves = losses.select_dtypes("number").drop(columns=["epoch"], errors="ignore")
+        st.line_chart(curves, x_label="epoch", y_label="loss", height=220)
 
 
 st.subheader("Progress", anchor=False)
@@ -123,11 +125,11 @@ st.fragment(run_every=1.0 if training else None)(progress_panel)()
 
 def save_auto_retrain() -> None:
     every = int(st.session_state[AUTO_EVERY]) if st.session_state[AUTO] else 0
-    store.set_meta(common.AUTO_RETRAIN_META, str(every))
+    project.auto_retrain_after = every
 
 
 st.subheader("Keep the model fresh", anchor=False)
-every = common.auto_retrain_after(project)
+every = project.auto_retrain_after
 left, right = st.columns([2, 3], vertical_alignment="bottom")
 left.toggle(
     "Auto-retrain while I review",
@@ -149,7 +151,7 @@ right.number_input(
 )
 
 st.subheader("Model versions", anchor=False)
-models = store.models()
+models = project.models()
 if not models:
     st.caption("Models appear here after the first training round.")
 else:

@@ -30,7 +30,8 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bgminer.backbone import Preprocess, load_backbone
-from bgminer.features import FeatureCache, embed_images
+from bgminer.feature_cache import FeatureCache
+from bgminer.features import embed_images
 from bgminer.imageio import load_rgb, to_tensor_uint8
 from bgminer.store import Store
 
@@ -53,14 +54,14 @@ def ceiling(paths: list[Path], batch_size: int) -> float:
     bb = load_backbone()
     pre = Preprocess(bb.preprocess)
     tensors = [pre(to_tensor_uint8(load_rgb(p, draft_size=bb.preprocess.resize))) for p in paths]
-    trunk = bb.trunk.to(memory_format=torch.channels_last)
+    net = bb.net.to(memory_format=torch.channels_last)
     start = time.perf_counter()
     with torch.inference_mode():
         for i in range(0, len(tensors), batch_size):
             x = torch.stack(tensors[i : i + batch_size]).contiguous(memory_format=torch.channels_last)
-            maps = trunk.stem(x)
-            pooled = trunk.head(maps)
-            trunk.classifier(pooled)
+            maps = net.stem(x)
+            pooled = net.last_stage(maps)
+            net.classifier(pooled)
             np.asarray(maps.numpy(), dtype=np.float16)  # the pipeline converts maps for the cache too
     return len(tensors) / (time.perf_counter() - start)
 
@@ -75,7 +76,7 @@ def naive(paths: list[Path]) -> float:
                 rgb = img.convert("RGBA")
                 white = Image.new("RGBA", rgb.size, (255, 255, 255, 255))
                 rgb = Image.alpha_composite(white, rgb).convert("RGB")
-            bb.trunk(pre(to_tensor_uint8(rgb))[None])
+            bb.net(pre(to_tensor_uint8(rgb))[None])
     return len(paths) / (time.perf_counter() - start)
 
 

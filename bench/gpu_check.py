@@ -24,10 +24,12 @@ sys.path.insert(0, str(ROOT))
 
 from bgminer.backbone import load_backbone
 from bgminer.evaluate import average_precision
-from bgminer.features import FeatureCache, PixelLoader, embed_images
+from bgminer.feature_cache import FeatureCache
+from bgminer.features import PixelLoader, embed_images
 from bgminer.model import build_model
+from bgminer.scoring import score
 from bgminer.store import Store
-from bgminer.train import TrainConfig, build_training_set, score, train
+from bgminer.train import TrainConfig, build_training_set, train
 
 DEMO = ROOT / "assets" / "demo"
 

@@ -23,6 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bgminer.loop import Miner
 from bgminer.project import Project
 
 CATEGORY = "rare"
@@ -76,7 +77,7 @@ def one_round(project: Project, rare: np.ndarray, rng: np.random.Generator) -> d
     t0 = time.perf_counter()
     record = project.train(CATEGORY)
     t1 = time.perf_counter()
-    page = project.suggest(CATEGORY, n=50)
+    page = Miner(project, CATEGORY, "bench").query(50)
     t2 = time.perf_counter()
     found = sum(bool(rare[c.image_id - 1]) for c in page)
     return {

@@ -12,7 +12,9 @@ the engine level on cached features (pooled 1280-d, ImageNet logits, last-stage 
   and background splitting ("bs", the default TrainConfig), in adapter and last-stage modes.
 - Protocol B (the product's use): from 5 seed positives (half the positives when fewer than
   10), rounds of train -> rank -> an oracle labels the top 20 -> repeat, 15 rounds (300
-  reviews), on the training split. Positives found after 100/200/300 reviews per strategy
+  reviews), on the training split. The loop is the product's :class:`bgminer.loop.Miner`
+  (query, decide, retrain_if_due with a threshold of 20 labels) over a real store;
+  :class:`BenchProject` supplies the cached features and runs each round's learner. Positives found after 100/200/300 reviews per strategy
   (background-splitting model, default config: adapter rounds start afresh), for random review,
   for a logistic-regression loop (most-likely on an LR probe) and a kNN loop (near-positives
   on pretrained features, no training).
@@ -35,6 +37,7 @@ import argparse
 import json
 import math
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -49,9 +52,11 @@ from bench.datasets import RARE_CATEGORY, openclipart_project, stratified_split,
 from bgminer.backbone import load_backbone
 from bgminer.evaluate import average_precision, discovery_curve, draw_validation_sample, estimate_remaining
 from bgminer.index import normalize
+from bgminer.loop import Miner
 from bgminer.model import DEFAULT_ADAPTER_HIDDEN, build_model
-from bgminer.rank import RankContext, make_strategy
-from bgminer.train import TrainConfig, build_training_set, score, train
+from bgminer.scoring import score
+from bgminer.store import Store
+from bgminer.train import TrainConfig, build_training_set, train
 
 CORPORA = {"4%": None, "0.5%": 0.005, "0.1%": 0.001}  # positive share; None = the corpus as it is
 KS = (5, 20, None)  # None = all training positives
@@ -273,44 +278,82 @@ def seed_positive_count(n_positives: int) -> int:
     return min(SEED_POSITIVES, max(1, n_positives // 2))
 
 
+class BenchProject:
+    """The training split as a project for :class:`bgminer.loop.Miner`: a real store (labels, models),
+    cached features, and ``learner`` ("bs", "lr" or "none") as the round that :meth:`train` runs."""
+
+    def __init__(self, data: Data, split: Split, learner: str, trainer: Trainer, folder: Path, retrain_after: int):
+        self.data, self.rows, self.learner, self.trainer = data, split.train, learner, trainer
+        self.store = Store(folder / "bench.sqlite")
+        with self.store.write() as db:  # image id = row of Data
+            db.executemany(
+                "INSERT INTO images (id, path, status, embedded, added_at) VALUES (?, ?, 'ok', 1, 0)",
+                [(int(r), data.paths[r]) for r in self.rows],
+            )
+        self.store.add_category(RARE_CATEGORY)
+        self.auto_retrain_after = retrain_after if learner != "none" else 0
+        self.scores: np.ndarray | None = None
+        self.embeddings = data.pooled[self.rows]
+        self.model = None
+
+    def label(self, category: str, image_ids, value: str, source: str = "user", author: str | None = None) -> list[int]:
+        return self.store.add_labels(category, [(int(i), value) for i in image_ids], source=source, author=author)
+
+    def undo(self, category: str, author: str | None = None):
+        return self.store.undo(category, author)
+
+    def ranking_inputs(self, category: str):
+        return self.rows, self.scores, self.embeddings
+
+    def train(self, category: str, config: TrainConfig, progress=None, cancel=None):
+        labels = self.store.labels(category)
+        if self.learner == "bs":
+            self.model = self.trainer.fit(self.data, config.mode, labels, self.rows, config, self.model if config.warm_start else None)
+            self.embeddings, self.scores = self.trainer.scores(self.data, self.model, self.rows)
+        else:
+            y = np.array([labels.get(int(i)) == "positive" for i in self.rows])
+            self.scores = logistic_probe(self.data.pooled[self.rows], y)(self.data.pooled[self.rows])
+        model_id = self.store.add_model([category], config.mode, {}, None)
+        self.store.update_model(model_id, state="ready", label_counts=self.store.label_counts())
+        return self.store.model(model_id)
+
+
 def run_loop(
     data: Data, split: Split, learner: str, strategy_name: str, trainer: Trainer, rounds: int, per_round: int,
     estimate: bool = False,
 ) -> dict:
-    """One review loop on the training split. ``learner``: "bs" (default model), "lr", or "none" (no model)."""
+    """One review loop on the training split, driven through :class:`bgminer.loop.Miner` (an oracle
+    decides). ``learner``: "bs" (default model), "lr", or "none" (no model). A round retrains when
+    ``per_round`` new labels arrived (the auto-retrain policy)."""
     rows = split.train
     truth = data.positive[rows]
     positives = rows[truth]
     rng = np.random.default_rng(split.seed)
-    labels: dict[int, str] = {int(r): "positive" for r in rng.choice(positives, seed_positive_count(len(positives)), replace=False)}
-    n_seeds = len(labels)
-    strategy = make_strategy(strategy_name)
+    seeds = rng.choice(positives, seed_positive_count(len(positives)), replace=False)
     reviewed: list[bool] = []
     estimates = []
-    model = None
     is_pos = dict(zip(rows.tolist(), truth.tolist()))
+    mode = str(trainer.overrides.get("mode", TrainConfig().mode))
     start = time.perf_counter()
-    for r in range(rounds):
-        scores, embeddings = None, data.pooled[rows]
-        if learner == "bs":
-            config = trainer.config(str(trainer.overrides.get("mode", TrainConfig().mode)), split.seed + r)
-            model = trainer.fit(data, config.mode, labels, rows, config, model if config.warm_start else None)
-            embeddings, scores = trainer.scores(data, model, rows)
-        elif learner == "lr":
-            y = np.array([labels.get(int(i)) == "positive" for i in rows])
-            scores = logistic_probe(data.pooled[rows], y)(data.pooled[rows])
-        if estimate and scores is not None and len(reviewed) in ESTIMATE_AT:
-            estimates.extend(check_estimator(rows, scores, labels, is_pos, split.seed, len(reviewed)))
-        ctx = RankContext(
-            ids=rows, scores=scores, embeddings=embeddings,
-            positive_ids=[i for i, v in labels.items() if v == "positive"],
-            negative_ids=[i for i, v in labels.items() if v == "negative"],
-            seed=split.seed * 1000 + r,
-        )
-        for i in strategy.query(ctx, per_round).tolist():
-            labels[i] = "positive" if is_pos[i] else "negative"
-            reviewed.append(is_pos[i])
+    with tempfile.TemporaryDirectory(prefix="bgminer-quality-") as folder:
+        project = BenchProject(data, split, learner, trainer, Path(folder), retrain_after=per_round)
+        project.label(RARE_CATEGORY, seeds, "positive", author="oracle")
+        miner = Miner(project, RARE_CATEGORY, "oracle", strategy_name)
+        for r in range(rounds):
+            config = trainer.config(mode, split.seed + r)
+            if r == 0 and learner != "none":
+                miner.train(config)
+            elif r > 0:
+                miner.retrain_if_due(config=config)
+            if estimate and project.scores is not None and len(reviewed) in ESTIMATE_AT:
+                estimates.extend(check_estimator(rows, project.scores, project.store.labels(RARE_CATEGORY), is_pos, split.seed, len(reviewed)))
+            miner.seed = split.seed * 1000 + r
+            for candidate in miner.query(per_round):
+                miner.decide(candidate.image_id, "positive" if is_pos[candidate.image_id] else "negative")
+                reviewed.append(is_pos[candidate.image_id])
+        project.store.close()
     curve = discovery_curve(reviewed)
+    n_seeds = len(seeds)
     hidden = len(positives) - n_seeds
     found = {n: int(curve[min(n, len(curve)) - 1]) if len(curve) else 0 for n in CHECKPOINTS if n <= rounds * per_round}
     return {

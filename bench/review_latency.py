@@ -32,7 +32,7 @@ import streamlit.testing.v1.app_test as app_test_module
 from streamlit.runtime.scriptrunner.script_cache import ScriptCache
 from streamlit.testing.v1 import AppTest
 
-from bgminer.cli import DEMO_CATEGORY, DEMO_DIR, build_demo_project
+from bgminer.demo import DEMO_CATEGORY, DEMO_DIR, build_demo_project
 from bgminer.project import Project
 
 TARGET_MS = 300.0

@@ -5,13 +5,13 @@
     .venv/bin/python bench/scale.py index [--sizes 1000000 10000000] [--json]
 
 ``embed``: the same N clip-art PNGs (bench/datasets.py) embedded by the in-process pipeline
-(bgminer.features.embed_images) and by Ray local mode (bgminer.distributed.embed_on_ray, Ray
+(bgminer.features.embed_images) and by Ray local mode (bgminer.ray_engine.embed_on_ray, Ray
 started with this machine's cores), alternating, each into a fresh store. Reports end-to-end
 images/s (Ray: actor start-up included, ``ray.init`` excluded and shown apart), steady-state
 images/s (first to last finished batch/shard), their ratios, and the largest difference between
 the two runs' features.
 
-``rescore``: adapter-mode re-scoring (bgminer.distributed.rescore_version) of N cached pooled
+``rescore``: adapter-mode re-scoring (bgminer.scoring.rescore_version) of N cached pooled
 features streamed from a memory-mapped file, in process and on Ray local mode: rows/s.
 
 ``index``: synthetic clustered vectors of the real dimensionality (bench/knn.py's generator:
@@ -67,8 +67,8 @@ class _Clock:
 def _embed_once(engine: str, paths: list[Path], root: Path, batch_size: int, shard_rows: int) -> dict:
     from bench.embed import _store_for
     from bgminer.backbone import load_backbone
-    from bgminer.distributed import RayConfig, embed_on_ray
     from bgminer.features import embed_images
+    from bgminer.ray_engine import RayConfig, embed_on_ray
 
     root.mkdir(parents=True)
     store, cache = _store_for(paths, root)
@@ -152,8 +152,9 @@ def bench_rescore(n: int, chunk_rows: int, engines: list[str]) -> dict:
     import torch
 
     from bgminer.backbone import load_backbone
-    from bgminer.distributed import RayConfig, rescore_version
     from bgminer.model import build_model
+    from bgminer.ray_engine import RayConfig
+    from bgminer.scoring import rescore_version
 
     model = build_model("adapter", load_backbone(), ["rare"])
     runs = []

@@ -1,4 +1,4 @@
-"""Pretrained trunks and their preprocessing, created by name from a small registry.
+"""Pretrained networks and their preprocessing, created by name from a small registry.
 
 A backbone carries its own preprocessing so that embedding, training and export can
 never disagree about it (the timm ``pretrained_cfg`` habit). Nothing here touches the
@@ -64,22 +64,22 @@ class Preprocess(nn.Module):
         return (x - self.mean) / self.std
 
 
-class Trunk(nn.Module):
+class PretrainedNet(nn.Module):
     """A backbone split at the points bgminer needs.
 
     ``stem(x)`` runs the network up to the last stage (the input cached for last-stage
-    training), ``head(maps)`` runs the last stage + pooling to the pooled feature, and
+    training), ``last_stage(maps)`` runs the last stage + pooling to the pooled feature, and
     ``classifier`` maps pooled features to ImageNet logits.
     """
 
-    def __init__(self, stem: nn.Module, head: nn.Module, classifier: nn.Linear):
+    def __init__(self, stem: nn.Module, last_stage: nn.Module, classifier: nn.Linear):
         super().__init__()
         self.stem = stem
-        self.head = head
+        self.last_stage = last_stage
         self.classifier = classifier
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.stem(x))
+        return self.last_stage(self.stem(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.forward_features(x))
@@ -90,7 +90,7 @@ class Backbone:
     """A loaded pretrained network plus everything needed to feed and describe it."""
 
     name: str
-    trunk: Trunk
+    net: PretrainedNet
     preprocess: PreprocessConfig
     feature_dim: int
     map_shape: tuple[int, int, int]  # shape of stem output (cached for last-stage mode)
@@ -99,7 +99,7 @@ class Backbone:
 
     @property
     def classifier(self) -> nn.Linear:
-        return self.trunk.classifier
+        return self.net.classifier
 
 
 BackboneFactory = Callable[[Path | None], Backbone]
@@ -123,8 +123,8 @@ def create_backbone(name: str = "efficientnet_lite0", weights: str | Path | None
     if name not in _REGISTRY:
         raise ValueError(f"unknown backbone {name!r}; available: {', '.join(available_backbones())}")
     backbone = _REGISTRY[name](Path(weights) if weights else None)
-    backbone.trunk.eval()
-    for p in backbone.trunk.parameters():
+    backbone.net.eval()
+    for p in backbone.net.parameters():
         p.requires_grad_(False)
     return backbone
 
@@ -216,10 +216,10 @@ def _efficientnet_lite0(weights: Path | None) -> Backbone:
     except RuntimeError as exc:
         raise ValueError(f"{weights} does not match tf_efficientnet_lite0: {exc}") from exc
     stem = nn.Sequential(net.conv_stem, net.bn1, *net.blocks[:-1])
-    head = nn.Sequential(net.blocks[-1], net.conv_head, net.bn2, _Pool())
+    last_stage = nn.Sequential(net.blocks[-1], net.conv_head, net.bn2, _Pool())
     return Backbone(
         name="efficientnet_lite0",
-        trunk=Trunk(stem, head, net.classifier),
+        net=PretrainedNet(stem, last_stage, net.classifier),
         preprocess=PreprocessConfig(resize=256, crop=224, mean=(0.5,) * 3, std=(0.5,) * 3),
         feature_dim=net.num_features,
         map_shape=(192, 7, 7),
@@ -241,11 +241,13 @@ def _resnet50(weights: Path | None) -> Backbone:
     except RuntimeError as exc:
         raise ValueError(f"{weights} does not match torchvision resnet50: {exc}") from exc
     stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3)
-    head = nn.Sequential(net.layer4, _Pool())
+    last_stage = nn.Sequential(net.layer4, _Pool())
     return Backbone(
         name="resnet50",
-        trunk=Trunk(stem, head, net.fc),
-        preprocess=PreprocessConfig(resize=256, crop=224, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), interpolation="bilinear"),
+        net=PretrainedNet(stem, last_stage, net.fc),
+        preprocess=PreprocessConfig(
+            resize=256, crop=224, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), interpolation="bilinear"
+        ),
         feature_dim=2048,
         map_shape=(1024, 14, 14),
         weights_sha256=file_sha256(weights),

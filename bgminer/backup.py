@@ -31,9 +31,9 @@ from typing import TYPE_CHECKING, BinaryIO
 
 from .fsutil import ensure_free, fsync_dir
 from .progress import ProgressFn, report
+from .scoring import FILES as VERSION_FILES
+from .scoring import version_dir
 from .store import Store
-from .versions import FILES as VERSION_FILES
-from .versions import version_dir
 
 if TYPE_CHECKING:
     from .project import Project

@@ -7,33 +7,45 @@ import json
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from .export import add_export_commands
+from .modes import MODES
 from .progress import CancelToken
 from .settings import load_settings, local_user
+from .tables import NEGATIVE_SUFFIX
 
-DEMO_DIR = Path(__file__).resolve().parent.parent / "assets" / "demo"
-DEMO_CATEGORY = "animals"
+# Heavy modules (torch, timm, faiss, pandas) are imported inside the commands that need them,
+# so that light commands such as ``info`` start fast.
 
 
 def _print_progress(done: int, total: int, message: str = "") -> None:
-    print(f"\r{message or f'{done}/{total}'}".ljust(70), end="" if done < total else "\n", file=sys.stderr, flush=True)
+    """The one progress line of every command, on stderr, rewritten in place."""
+    counts = f"{done}/{total}"
+    line = message if counts in message else f"{message} {counts}".strip()
+    print(f"\r{line}".ljust(70), end="" if done < total else "\n", file=sys.stderr, flush=True)
 
 
 def _emit(args: argparse.Namespace, obj: Any, text: Callable[[Any], str]) -> None:
+    """The one output of every command: ``obj`` as one JSON line with --json, else ``text(obj)``."""
     if getattr(args, "json", False):
         print(json.dumps(obj, default=str))
     else:
         print(text(obj))
 
 
+def _fields(summary: dict[str, Any]) -> str:
+    """A summary as aligned ``key: value`` lines (the text form of most commands)."""
+    width = max(map(len, summary), default=0)
+    return "\n".join(f"{k:>{width}}: {v}" for k, v in summary.items())
+
+
 def cmd_init(args: argparse.Namespace) -> int:
     from .project import Project
 
     project = Project.create(args.project, backbone=args.backbone, backbone_weights=args.backbone_weights)
-    print(f"project ready at {project.root}")
+    _emit(args, {"project": str(project.root)}, lambda o: f"project ready at {o['project']}")
     return 0
 
 
@@ -49,7 +61,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         "skipped_known": result.skipped_known,
         "seconds": round(result.seconds, 2),
     }
-    _emit(args, summary, lambda s: "\n".join(f"{k:>14}: {v}" for k, v in s.items()))
+    _emit(args, summary, _fields)
     return 0
 
 
@@ -58,7 +70,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
     project = Project(args.project)
     if args.engine == "ray":
-        from .distributed import RayConfig, embed_on_ray
+        from .ray_engine import RayConfig, embed_on_ray
 
         config = RayConfig(address=args.address, batch_size=args.batch_size, device=args.device)
         result = embed_on_ray(project.store, project.features, project.backbone_name, project.backbone_weights, config,
@@ -66,7 +78,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
     else:
         result = project.embed(device=args.device, batch_size=args.batch_size, progress=_print_progress)
     summary = {"embedded": result.embedded, "failed": result.failed, "images_per_second": round(result.images_per_second, 1), "device": result.device}
-    _emit(args, summary, lambda s: "\n".join(f"{k:>18}: {v}" for k, v in s.items()))
+    _emit(args, summary, _fields)
     return 0
 
 
@@ -76,7 +88,7 @@ def cmd_rescore(args: argparse.Namespace) -> int:
     project = Project(args.project)
     ray_config = None
     if args.engine == "ray":
-        from .distributed import RayConfig
+        from .ray_engine import RayConfig
 
         ray_config = RayConfig(address=args.address, device=args.device)
     start = time.perf_counter()
@@ -84,7 +96,7 @@ def cmd_rescore(args: argparse.Namespace) -> int:
     n = len(project.store.image_ids(embedded=True))
     seconds = time.perf_counter() - start
     summary = {"model_version": record.id, "mode": record.mode, "images": n, "seconds": round(seconds, 1), "engine": args.engine}
-    _emit(args, summary, lambda s: "\n".join(f"{k:>14}: {v}" for k, v in s.items()))
+    _emit(args, summary, _fields)
     return 0
 
 
@@ -118,11 +130,12 @@ def cmd_backup(args: argparse.Namespace) -> int:
         "thumbnails": result.with_thumbnails,
         "seconds": round(result.seconds, 1),
     }
-    _emit(args, summary, lambda s: "\n".join(f"{k:>16}: {v}" for k, v in s.items()))
+    _emit(args, summary, _fields)
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import build_demo_project
 
     project = build_demo_project(args.project, progress=_print_progress)
     _emit(args, project.info(), lambda i: f"demo project ready at {i['project']}: {i['images']} images, {i['embedded']} embedded")
@@ -130,8 +143,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_label(args: argparse.Namespace) -> int:
-    from .export import import_labels_csv
     from .project import Project
+    from .tables import import_labels_csv
 
     project = Project(args.project)
     missing: list[str] = []
@@ -140,23 +153,63 @@ def cmd_label(args: argparse.Namespace) -> int:
         missing += result.missing + result.invalid
     elif not args.category:
         raise ValueError("give --category C with --positive/--negative paths, or --csv FILE")
+    if args.review and not args.category:
+        raise ValueError("--review needs --category C (review decisions are per category)")
+    retrain = None
     if args.category:
+        from .loop import Miner
+
         project.add_category(args.category)
+        miner = Miner(project, args.category, args.author or local_user()) if args.review else None
         for value, paths in (("positive", args.positive), ("negative", args.negative)):
-            if paths:
+            if paths and miner is not None:  # review decisions: they count toward the auto-retrain threshold
+                ids, not_found = project.image_ids_for_paths(paths)
+                miner.decide_many(ids, value)
+                missing += not_found
+            elif paths:
                 missing += project.label_paths(args.category, paths, value, source="user", author=args.author or local_user())
+        if miner is not None:
+            retrain = _retrain_summary(miner.retrain_if_due())
     counts = project.store.label_counts()
-    _emit(args, {"labels": counts, "not_labeled": missing}, lambda o: "\n".join(
+    _emit(args, {"labels": counts, "not_labeled": missing, "retrain": retrain}, lambda o: "\n".join(
         [f"{c}: {n['positive']} positive, {n['negative']} negative" for c, n in o["labels"].items()]
-        + [f"not labeled: {m}" for m in o["not_labeled"]]))
+        + [f"not labeled: {m}" for m in o["not_labeled"]] + ([o["retrain"]["text"]] if o["retrain"] else [])))
+    return 0 if not missing else 1
+
+
+def _retrain_summary(outcome) -> dict:
+    """A :class:`bgminer.loop.Retrain` as a JSON-able dict with a one-line ``text``."""
+    if not outcome.due:
+        text = "auto-retrain: not due"
+    elif outcome.refused:
+        text = f"auto-retrain: due, not started: {outcome.refused}"
+    else:
+        text = f"auto-retrain: trained model v{outcome.model.id}"
+    return {"due": outcome.due, "model_version": None if outcome.model is None else outcome.model.id, "refused": outcome.refused, "text": text}
+
+
+def cmd_skip(args: argparse.Namespace) -> int:
+    from .loop import Miner
+    from .project import Project
+
+    project = Project(args.project)
+    author = args.author or local_user()
+    ids, missing = project.image_ids_for_paths([p for p in args.images if not p.isdigit()])
+    miner = Miner(project, args.category, author)
+    for image_id in [int(i) for i in args.images if i.isdigit()] + ids:
+        miner.skip(image_id)
+    out = {"category": args.category, "author": author, "skipped": len(miner.skipped()), "not_found": missing}
+    _emit(args, out, lambda o: "\n".join([f"{o['author']} has skipped {o['skipped']} images in {o['category']}"]
+                                          + [f"not an ingested image: {m}" for m in o["not_found"]]))
     return 0 if not missing else 1
 
 
 def cmd_undo(args: argparse.Namespace) -> int:
+    from .loop import Miner
     from .project import Project
 
     author = args.author or local_user()
-    event = Project(args.project).undo(args.category, author)
+    event = Miner(Project(args.project), args.category, author).undo()
     out = {"category": args.category, "author": author, "undone": None if event is None else {
         "event_id": event.id, "image_id": event.image_id, "value": event.value, "source": event.source}}
     _emit(args, out, lambda o: f"nothing of {author}'s to undo in {args.category}" if event is None
@@ -175,7 +228,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     summary = {"model_version": record.id, "categories": record.categories, "mode": record.mode,
                "train_seconds": round(record.train_seconds or 0, 2), "label_counts": record.label_counts,
                "final_loss": record.losses[-1] if record.losses else None, "metrics": record.metrics}
-    _emit(args, summary, lambda s: "\n".join(f"{k:>14}: {v}" for k, v in s.items()))
+    _emit(args, summary, _fields)
     return 0
 
 
@@ -188,9 +241,11 @@ def _candidate_table(rows: list[dict]) -> str:
 
 
 def cmd_rank(args: argparse.Namespace) -> int:
+    from .loop import Miner
     from .project import Project
 
-    candidates = Project(args.project).suggest(args.category, n=args.limit, strategy=args.strategy)
+    miner = Miner(Project(args.project), args.category, args.author or local_user(), args.strategy, pool_neighbors=args.pool_neighbors)
+    candidates = miner.query(args.limit)
     _emit(args, {"category": args.category, "strategy": args.strategy, "candidates": _candidate_rows(candidates)},
           lambda o: _candidate_table(o["candidates"]))
     return 0
@@ -217,19 +272,90 @@ def cmd_status(args: argparse.Namespace) -> int:
     from .project import Project
 
     status = Project(args.project).status(args.category)
-    _emit(args, status, lambda s: "\n".join(f"{k:>20}: {v}" for k, v in s.items()))
+    _emit(args, status, _fields)
     return 0
 
 
-def build_demo_project(root: str | Path, progress=None):
-    """Create (or finish) the built-in demo project: ingest + embed ``assets/demo``."""
+def cmd_export(args: argparse.Namespace) -> int:
+    from .packaging import export_model, read_export_metadata
     from .project import Project
 
-    project = Project.create(root)
-    project.ingest([DEMO_DIR / "images"], progress=progress, data_roots=())  # shipped with bgminer, not user data: any roots allow it
-    project.embed(progress=progress)
-    project.store.add_category(DEMO_CATEGORY)
-    return project
+    result = export_model(Project(args.project), args.category, args.out, model_id=args.model_version)
+    meta = read_export_metadata(result.model)
+    summary = {**{k: str(v) for k, v in asdict(result).items()}, "categories": meta["categories"], "model_version": meta["model"]["version"]}
+    _emit(args, summary, lambda s: f"exported model v{s['model_version']} ({', '.join(s['categories'])}) to {s['model']}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .packaging import load_exported, predict
+
+    skipped: list[dict[str, str]] = []
+
+    def on_skip(path: str, reason: str) -> None:
+        skipped.append({"path": path, "reason": reason})
+        if not args.json:
+            print(f"skipped {path}: {reason}", file=sys.stderr)
+
+    exported = load_exported(args.model, device=args.device)
+    results = predict(exported, args.paths, batch_size=args.batch_size, on_skip=on_skip, progress=_print_progress)
+    out = {
+        "model": str(exported.path),
+        "model_version": exported.metadata["model"]["version"],
+        "categories": exported.categories,
+        "predictions": [{"path": p, "scores": s} for p, s in results],
+        "skipped": skipped,
+    }
+    _emit(args, out, lambda o: "\n".join("\t".join([p["path"], *(f"{c}={v:.6f}" for c, v in p["scores"].items())]) for p in o["predictions"]))
+    return 0 if results or not skipped else 1
+
+
+def cmd_export_labels(args: argparse.Namespace) -> int:
+    from .project import Project
+    from .tables import write_labels_csv
+
+    n = write_labels_csv(Project(args.project), args.out, category=args.category)
+    _emit(args, {"rows": n, "path": str(args.out)}, lambda o: f"wrote {o['rows']} labels to {o['path']}")
+    return 0
+
+
+def cmd_import_labels(args: argparse.Namespace) -> int:
+    from .project import Project
+    from .tables import import_labels_csv
+
+    result = import_labels_csv(Project(args.project), args.csv, author=args.author)
+
+    def text(r: dict) -> str:
+        lines = [f"imported {r['imported']} labels ({r['unchanged']} already as in the file)"]
+        if r["categories_created"]:
+            lines.append(f"new categories: {', '.join(r['categories_created'])}")
+        if r["missing"]:
+            lines.append(f"{len(r['missing'])} paths are not images of this project (ingest them first):")
+            lines += [f"  {p}" for p in r["missing"]]
+        return "\n".join(lines + [f"  skipped {reason}" for reason in r["invalid"]])
+
+    _emit(args, asdict(result), text)
+    return 0
+
+
+def cmd_export_scores(args: argparse.Namespace) -> int:
+    from .project import Project
+    from .tables import write_scores
+
+    n = write_scores(Project(args.project), args.out, format=args.format)
+    _emit(args, {"rows": n, "path": str(args.out)}, lambda o: f"wrote scores of {o['rows']} images to {o['path']}")
+    return 0
+
+
+def cmd_export_folders(args: argparse.Namespace) -> int:
+    from .project import Project
+    from .tables import export_folders
+
+    result = export_folders(Project(args.project), args.out, link=not args.copy, include_negatives=args.negatives, categories=args.category)
+    out = {"root": str(result.root), "linked": result.linked, "counts": result.counts}
+    _emit(args, out, lambda o: "\n".join([f"{'linked' if o['linked'] else 'copied'} into {o['root']}:"]
+                                         + [f"  {folder}/: {n} files" for folder, n in o["counts"].items()]))
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -290,8 +416,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--negative", nargs="*", default=[])
     p.add_argument("--csv")
     p.add_argument("--author", default=None, help="who decides (default: the OS user; with --csv: the CSV's author column)")
+    p.add_argument("--review", action="store_true",
+                   help="record as review decisions: they count toward the project's auto-retrain threshold, and a due round trains here")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_label)
+
+    p = sub.add_parser("skip", help="leave images out of your review queue for a category (the app's Skip; others still see them)")
+    p.add_argument("project")
+    p.add_argument("--category", required=True)
+    p.add_argument("images", nargs="+", help="image paths or ids")
+    p.add_argument("--author", default=None, help="whose queue (default: the OS user)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_skip)
 
     p = sub.add_parser("undo", help="undo your latest label decision in a category (only while nobody changed it since)")
     p.add_argument("project")
@@ -303,7 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a background-splitting model round, re-score and re-index")
     p.add_argument("project")
     p.add_argument("--category", action="append", help="category to train (repeatable; default: all with positives)")
-    p.add_argument("--mode", default="adapter", choices=["adapter", "last-stage", "full"])
+    p.add_argument("--mode", default="adapter", choices=list(MODES))
     p.add_argument("--aux-weight", type=float, default=None)
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -314,8 +450,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("rank", help="the review queue: likely positives not yet labeled")
     p.add_argument("project")
     p.add_argument("--category", required=True)
-    p.add_argument("--strategy", default="most-likely")
+    p.add_argument("--strategy", default="most-likely",
+                   help="most-likely, uncertain, near-positives, random, mixed or validate (the estimator's sample)")
     p.add_argument("--limit", type=int, default=20)
+    p.add_argument("--author", default=None, help="whose queue: leaves out their skips (default: the OS user)")
+    p.add_argument("--pool-neighbors", type=int, default=None, metavar="K",
+                   help="rank only among the K nearest neighbours of each positive (SEALS candidate pool; large corpora)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_rank)
 
@@ -332,7 +472,52 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--category", required=True)
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_status)
-    add_export_commands(sub)
+
+    p = sub.add_parser("export", help="export a trained classifier as one TorchScript file (+ metadata.json, state_dict.pt)")
+    p.add_argument("project")
+    p.add_argument("--category", default=None, help="export the active model of this category (default: the newest model)")
+    p.add_argument("--model-version", type=int, default=None, help="export this model version instead")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_export)
+
+    p = sub.add_parser("predict", help="score image files or folders with an exported model (no project needed)")
+    p.add_argument("model", help="model.ts file or the export folder")
+    p.add_argument("paths", nargs="+")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(fn=cmd_predict)
+
+    p = sub.add_parser("export-labels", help="write the current labels as CSV")
+    p.add_argument("project")
+    p.add_argument("--out", required=True)
+    p.add_argument("--category", default=None)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_export_labels)
+
+    p = sub.add_parser("import-labels", help="apply a labels CSV (path, category, label[, author, sha256])")
+    p.add_argument("project")
+    p.add_argument("csv")
+    p.add_argument("--author", default=None, help="record every label under this author (default: the CSV's author column)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_import_labels)
+
+    p = sub.add_parser("export-scores", help="write every image's score per category (CSV or Parquet)")
+    p.add_argument("project")
+    p.add_argument("--out", required=True, help=".csv or .parquet")
+    p.add_argument("--format", default=None, choices=["csv", "parquet"], help="default: from the suffix of --out")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_export_scores)
+
+    p = sub.add_parser("export-folders", help="ImageNet-style tree OUT/<category>/ of the labeled positives")
+    p.add_argument("project")
+    p.add_argument("--out", required=True)
+    p.add_argument("--copy", action="store_true", help="copy the files (default: symbolic links)")
+    p.add_argument("--negatives", action="store_true", help=f"also write reviewed negatives to OUT/<category>{NEGATIVE_SUFFIX}/")
+    p.add_argument("--category", action="append", default=None, help="only this category (repeatable)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_export_folders)
     return parser
 
 

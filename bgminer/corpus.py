@@ -37,7 +37,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from .fsutil import atomic_write_bytes, ensure_free, fsync_dir
-from .imageio import MAX_PIXELS_DEFAULT, ImageRejected, make_thumbnail, read_image
+from .imageio import MAX_PIXELS_DEFAULT, ImageRejected, Walk, make_thumbnail, read_image, walk_images
 from .progress import CancelToken, ProgressFn, RateMeter, check, report
 from .settings import Limits, OutsideDataRoots, Settings, load_settings
 from .store import Store
@@ -52,11 +52,6 @@ THUMBNAIL_BYTES = 64 * 2**10  # a generous estimate of one thumbnail, for the di
 OUTSIDE = OutsideDataRoots.reason
 OUTSIDE_DETAIL = "outside the data roots (BGMINER_DATA_ROOTS); nothing was read from it"
 ARCHIVE_UNREADABLE = "archive_unreadable"
-# Folders are walked for these suffixes; unsupported image types are included so that they
-# are reported as such instead of silently skipped. Explicit files are taken as they are.
-ACCEPTED_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
-UNSUPPORTED_SUFFIXES = frozenset({".heic", ".heif", ".avif", ".jxl", ".jp2", ".ico", ".psd", ".svg", ".ppm", ".pgm", ".tga"})
-WALKED_SUFFIXES = ACCEPTED_SUFFIXES | UNSUPPORTED_SUFFIXES
 
 
 class IngestError(ValueError):
@@ -191,7 +186,7 @@ def collect_files(sources: Sequence[str | Path], uploads_dir: Path, data_roots: 
     out = Collected([], {}, 0, [])
     for path in (p.resolve() for p in paths):
         if path.is_dir():
-            files, outside, skipped = _walk(path, allowed)
+            walk = walk_images(path, allowed)
         elif path.suffix.lower() == ".zip":
             try:
                 folder = extract_zip(path, uploads_dir, limits)
@@ -199,14 +194,14 @@ def collect_files(sources: Sequence[str | Path], uploads_dir: Path, data_roots: 
                 out.refused[str(path)] = _rejected_row(str(path), ARCHIVE_UNREADABLE, f"cannot unpack: {e.strerror or e}")
                 continue
             out.archives.append(str(path))
-            files, outside, skipped = _walk(folder, allowed)
+            walk = walk_images(folder, allowed)
         elif path.suffix.lower() == ".csv":
-            (files, outside), skipped = _read_csv(path, allowed), 0
+            walk = Walk(*_read_csv(path, allowed), ignored=0)
         else:
-            files, outside, skipped = [str(path)], [], 0
-        out.files.extend(files)
-        out.refused.update((p, _rejected_row(p, OUTSIDE, OUTSIDE_DETAIL)) for p in outside)
-        out.ignored += skipped
+            walk = Walk([str(path)], [], 0)
+        out.files.extend(walk.files)
+        out.refused.update((p, _rejected_row(p, OUTSIDE, OUTSIDE_DETAIL)) for p in walk.outside)
+        out.ignored += walk.ignored
     out.files = list(dict.fromkeys(out.files))
     for path in set(out.files) & set(out.refused):  # e.g. an archive also listed in a CSV: it is a file there
         del out.refused[path]
@@ -332,49 +327,6 @@ def _checked_entries(archive: zipfile.ZipFile, name: str, limits: Limits) -> lis
     if total > limits.archive_bytes:
         raise IngestError(f"{name} refused: it would unpack to {total / 2**20:.0f} MiB, over the {limits.archive_bytes / 2**20:.0f} MiB limit (zip bomb?)")
     return entries
-
-
-def _walk(root: Path, allowed: Callable[[str], bool]) -> tuple[list[str], list[str], int]:
-    """Image files under ``root`` (sorted, depth-first, hidden entries skipped, symlinked
-    folders followed once each so link loops end), the image-named links that lead outside
-    the data roots (neither followed nor stat'ed), and the number of other entries skipped."""
-    files: list[str] = []
-    outside: list[str] = []
-    ignored = 0
-    seen: set[tuple[int, int]] = set()
-    stack = [str(root)]
-    while stack:
-        folder = stack.pop()
-        try:
-            info = os.stat(folder)
-            if (info.st_dev, info.st_ino) in seen:
-                continue
-            seen.add((info.st_dev, info.st_ino))
-            entries = sorted(os.scandir(folder), key=lambda e: e.name)
-        except OSError:  # a folder we may not list holds nothing we could ingest
-            continue
-        subfolders = []
-        for entry in entries:
-            if entry.name.startswith("."):
-                continue
-            image_name = os.path.splitext(entry.name)[1].lower() in WALKED_SUFFIXES
-            path = entry.path
-            if entry.is_symlink():
-                path = os.path.realpath(entry.path)
-                if not allowed(path):
-                    if image_name:
-                        outside.append(entry.path)
-                    else:
-                        ignored += 1
-                    continue
-            if entry.is_dir():
-                subfolders.append(path)
-            elif entry.is_file() and image_name:
-                files.append(path)
-            else:
-                ignored += 1
-        stack.extend(reversed(subfolders))
-    return files, outside, ignored
 
 
 def _read_csv(csv_path: Path, allowed: Callable[[str], bool]) -> tuple[list[str], list[str]]:

@@ -28,7 +28,7 @@ sample proves: at least its positives, at most N minus its negatives.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from statistics import NormalDist
 
@@ -57,24 +57,9 @@ def average_precision(y_true: Sequence[bool] | np.ndarray, scores: Sequence[floa
     return float(np.sum(recall_step * precision))
 
 
-def precision_at_k(y_true: Sequence[bool] | np.ndarray, scores: Sequence[float] | np.ndarray, k: int) -> float:
-    """Fraction of positives among the ``k`` highest scores (ties keep input order)."""
-    y = np.asarray(y_true, dtype=bool).reshape(-1)
-    s = np.asarray(scores, dtype=np.float64).reshape(-1)
-    if k < 1:
-        raise ValueError("k must be >= 1")
-    top = np.argsort(-s, kind="stable")[:k]
-    return float(y[top].sum() / k)
-
-
 def discovery_curve(labels_in_review_order: Sequence[bool] | np.ndarray) -> np.ndarray:
     """Cumulative positives found after each reviewed image (int64, same length as the input)."""
     return np.cumsum(np.asarray(labels_in_review_order, dtype=bool).reshape(-1), dtype=np.int64)
-
-
-def found_so_far(labels: Mapping[int, str]) -> int:
-    """Positives among the current labels ({image_id: 'positive' | 'negative'}, as ``Store.labels`` returns)."""
-    return sum(1 for value in labels.values() if value == "positive")
 
 
 def draw_validation_sample(

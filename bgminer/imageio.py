@@ -1,4 +1,5 @@
-"""The one place that decodes images: validation at ingest, thumbnails, and pixels for embedding.
+"""The one place that knows image files: their suffixes, the folder walk that finds them, and
+their decoding (validation at ingest, thumbnails, pixels for embedding and ``predict``).
 
 Untrusted files are checked from their header before any pixel is decoded (size, format),
 then decoded in full so truncated or corrupt files fail here rather than in a training
@@ -8,6 +9,8 @@ job. Every failure is an :class:`ImageRejected` with a short reason code.
 from __future__ import annotations
 
 import io
+import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
@@ -19,7 +22,21 @@ if TYPE_CHECKING:  # torch is imported on first use so ingest worker processes n
     import torch
 
 MAX_PIXELS_DEFAULT = 40_000_000
-ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
+# The file suffixes of each accepted format; the first is the one a stored upload gets.
+FORMAT_SUFFIXES = {
+    "JPEG": (".jpg", ".jpeg", ".jpe", ".jfif"),
+    "PNG": (".png",),
+    "WEBP": (".webp",),
+    "BMP": (".bmp",),
+    "GIF": (".gif",),
+    "TIFF": (".tif", ".tiff"),
+}
+ACCEPTED_FORMATS = tuple(FORMAT_SUFFIXES)
+IMAGE_SUFFIXES = frozenset(suffix for suffixes in FORMAT_SUFFIXES.values() for suffix in suffixes)
+# Image types that cannot be decoded: folders are walked for them too, so that they are reported
+# (unsupported_format) instead of silently skipped.
+UNSUPPORTED_SUFFIXES = frozenset({".heic", ".heif", ".avif", ".jxl", ".jp2", ".ico", ".psd", ".svg", ".ppm", ".pgm", ".tga"})
+WALKED_SUFFIXES = IMAGE_SUFFIXES | UNSUPPORTED_SUFFIXES
 # JPEG's opener returns an "MPO" image for multi-picture camera files.
 _FORMAT_ALIASES = {"MPO": "JPEG"}
 REJECT_REASONS = (
@@ -119,6 +136,57 @@ def read_image(source: str | Path | BinaryIO, max_pixels: int = MAX_PIXELS_DEFAU
 def load_rgb(path: str | Path, max_pixels: int = MAX_PIXELS_DEFAULT, draft_size: int | None = None) -> Image.Image:
     """The upright RGB pixels of an image file (see :func:`read_image`)."""
     return read_image(path, max_pixels, draft_size).image
+
+
+@dataclass
+class Walk:
+    """What :func:`walk_images` found under one folder."""
+
+    files: list[str]  # image files, in walk order
+    outside: list[str]  # image-named links that lead outside the allowed paths (neither followed nor stat'ed)
+    ignored: int  # other entries skipped
+
+
+def walk_images(root: str | Path, allowed: Callable[[str], bool] | None = None) -> Walk:
+    """Image files (by :data:`WALKED_SUFFIXES`) under ``root``: depth-first, each folder's files
+    in name order before its subfolders, hidden entries skipped, symlinked folders followed once
+    each so link loops end. ``allowed(real_path)`` vets where a symlink leads (default: anywhere).
+    A folder that cannot be listed holds nothing."""
+    found = Walk([], [], 0)
+    seen: set[tuple[int, int]] = set()
+    stack = [str(root)]
+    while stack:
+        folder = stack.pop()
+        try:
+            info = os.stat(folder)
+            if (info.st_dev, info.st_ino) in seen:
+                continue
+            seen.add((info.st_dev, info.st_ino))
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError:
+            continue
+        subfolders = []
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            image_name = os.path.splitext(entry.name)[1].lower() in WALKED_SUFFIXES
+            path = entry.path
+            if entry.is_symlink():
+                path = os.path.realpath(entry.path)
+                if allowed is not None and not allowed(path):
+                    if image_name:
+                        found.outside.append(entry.path)
+                    else:
+                        found.ignored += 1
+                    continue
+            if entry.is_dir():
+                subfolders.append(path)
+            elif entry.is_file() and image_name:
+                found.files.append(path)
+            else:
+                found.ignored += 1
+        stack.extend(reversed(subfolders))
+    return found
 
 
 def to_tensor_uint8(img: Image.Image) -> torch.Tensor:

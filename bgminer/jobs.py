@@ -59,7 +59,8 @@ class JobRunner:
                 running = sum(t.is_alive() for t in _heavy_threads)
                 if running >= cap:
                     raise JobLimitError(
-                        f"the server is busy: {running} heavy job(s) running, at most {cap} at once (BGMINER_MAX_JOBS); try again when one ends"
+                        f"the server is busy: {running} heavy job(s) running, at most {cap} at once (BGMINER_MAX_JOBS); "
+                        "try again when one ends"
                     )
             job_id = self._add(kind, params)
             token = CancelToken(is_set=lambda: self.store.job(job_id).cancel_requested)
@@ -72,17 +73,13 @@ class JobRunner:
             thread.start()
         return job_id
 
-    def run_inline(self, kind: str, fn: JobFn, params: dict[str, Any] | None = None) -> JobRecord:
-        """Run a job on the calling thread (CLI), recorded like a background one (one heavy job per project holds)."""
-        job_id = self._add(kind, params)
-        self._run(job_id, fn, CancelToken(is_set=lambda: self.store.job(job_id).cancel_requested))
-        return self.store.job(job_id)
-
     def _add(self, kind: str, params: dict[str, Any] | None) -> int:
         try:
             return self.store.add_job(kind, params, exclusive=sorted(HEAVY_KINDS) if kind in HEAVY_KINDS else ())
         except JobBusy as exc:
-            raise JobLimitError(f"{exc}: one heavy job (ingest, training, re-scoring) per project at a time; wait for it or cancel it") from exc
+            raise JobLimitError(
+                f"{exc}: one heavy job (ingest, training, re-scoring) per project at a time; wait for it or cancel it"
+            ) from exc
 
     def _max_jobs(self) -> int:
         if self.max_jobs is not None:

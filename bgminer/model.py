@@ -2,8 +2,8 @@
 
 The main head predicts ``K + 1`` classes, background at index 0 and the ``K`` rare categories
 after it; the auxiliary head predicts the 1000 ImageNet classes and starts as a copy of the
-backbone's pretrained classifier. Three training modes share this one definition and differ
-only in what the trainable trunk is and what it eats:
+backbone's pretrained classifier. The training modes (:mod:`bgminer.modes`) share this one
+definition and differ only in what the trainable trunk is and what it eats:
 
 - ``adapter``: cached pooled features ``[B, D]`` -> residual MLP ``h = x + W2 act(W1 x)`` with
   ``W2`` zero-initialised, so at step 0 the trunk is the identity.
@@ -29,8 +29,8 @@ from torch import nn
 
 from bgminer.backbone import Backbone
 from bgminer.fsutil import atomic_path
+from bgminer.modes import get_mode
 
-MODES = ("adapter", "last-stage", "full")
 DEFAULT_ADAPTER_HIDDEN = 128  # bench/quality.py: beat 512 on all six clip-art settings (docs/quality.md)
 CHECKPOINT_FORMAT = "bgminer-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -124,24 +124,18 @@ def build_model(
 ) -> BackgroundSplittingModel:
     """A fresh model for ``mode`` whose aux head reproduces ``backbone``'s ImageNet logits.
 
-    Inputs by mode: ``adapter`` pooled features ``[B, feature_dim]``; ``last-stage`` stage maps
-    ``[B, *backbone.map_shape]``; ``full`` preprocessed pixels ``[B, 3, crop, crop]``.
+    Its input is the mode's (:attr:`bgminer.modes.ModeSpec.input`): ``adapter`` pooled features
+    ``[B, feature_dim]``; ``last-stage`` stage maps ``[B, *backbone.map_shape]``; ``full`` preprocessed
+    pixels ``[B, 3, crop, crop]``.
     The main head starts at zero (every category at the same prior), so building is deterministic.
     """
-    if mode not in MODES:
-        raise ValueError(f"unknown training mode {mode!r}; choose one of {', '.join(MODES)}")
+    spec = get_mode(mode)
     if not categories:
         raise ValueError("a model needs at least one category")
     if len(set(categories)) != len(categories):
         raise ValueError(f"duplicate category names in {categories}")
-    dim = backbone.feature_dim
-    if mode == "adapter":
-        trunk: nn.Module = ResidualAdapter(dim, adapter_hidden)
-    elif mode == "last-stage":
-        trunk = copy.deepcopy(backbone.trunk.head)
-    else:
-        trunk = nn.Sequential(copy.deepcopy(backbone.trunk.stem), copy.deepcopy(backbone.trunk.head))
-    main_head = nn.Linear(dim, len(categories) + 1)
+    trunk = spec.trainable_trunk(backbone, adapter_hidden)
+    main_head = nn.Linear(backbone.feature_dim, len(categories) + 1)
     nn.init.zeros_(main_head.weight)
     nn.init.zeros_(main_head.bias)
     model = BackgroundSplittingModel(

@@ -9,24 +9,31 @@ from __future__ import annotations
 
 import json
 import operator
+import sqlite3
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .backbone import Backbone, Preprocess, load_backbone
-from .features import CacheBusy, EmbedReport, FeatureCache, FolderLock, PixelLoader, embed_images, unmark_zero_rows
+from .feature_cache import CacheBusy, FeatureCache, FolderLock, unmark_zero_rows
+from .jobs import JobRunner
+from .modes import get_mode
 from .progress import Cancelled, CancelToken, ProgressFn
 from .settings import local_user
-from .store import LabelEvent, ModelRecord, Store
-from .train import TrainConfig
-from .versions import VersionScores, read_version
+from .store import JobRecord, LabelEvent, ModelRecord, Store
+
+if TYPE_CHECKING:  # torch-backed modules load on first use: opening a project (and `bgminer info`) stays light
+    from .backbone import Backbone
+    from .features import EmbedReport
+    from .scoring import VersionScores
+    from .train import TrainConfig
 
 DB_NAME = "bgminer.sqlite"
+AUTO_RETRAIN_META = "ui.auto_retrain_after"  # store meta key of Project.auto_retrain_after (name kept for existing projects)
 
 
 class ProjectError(ValueError):
@@ -93,6 +100,8 @@ class Project:
 
     @property
     def backbone(self) -> Backbone:
+        from .backbone import load_backbone
+
         return load_backbone(self.backbone_name, self.backbone_weights)
 
     @property
@@ -125,6 +134,8 @@ class Project:
         progress: ProgressFn | None = None,
         cancel: CancelToken | None = None,
     ) -> EmbedReport:
+        from .features import embed_images
+
         return embed_images(self.store, self.features, self.backbone, batch_size=batch_size, device=device, progress=progress, cancel=cancel)
 
     def thumbnail(self, image_id: int) -> Path:
@@ -132,9 +143,45 @@ class Project:
 
         return thumbnail_path(self.thumbs_dir, self.store.image(image_id)["sha256"])
 
+    def image_path(self, image_id: int) -> str:
+        """The file of an image, where it was ingested from (StoreError for an unknown id)."""
+        return self.store.image(image_id)["path"]
+
+    def corpus_counts(self) -> CorpusCounts:
+        """How many images are usable, embedded and rejected."""
+        return CorpusCounts(self.store.image_count("ok"), self.store.embedded_count(), self.store.image_count("rejected"))
+
+    def image_page(self, n: int, offset: int = 0) -> list[sqlite3.Row]:
+        """``n`` usable images in ingest order from ``offset`` (rows with ``id``, ``path``, ``width``, ``height``)."""
+        return self.store.images("ok", limit=n, offset=offset)
+
+    def rejected_files(self, n: int = 1000) -> list[sqlite3.Row]:
+        """The first ``n`` files refused at ingest (rows with ``path``, ``reason``, ``detail``)."""
+        return self.store.images("rejected", limit=n)
+
     # -- labels --------------------------------------------------------------------------
+    def categories(self) -> list[str]:
+        """Category names in creation order."""
+        return self.store.categories()
+
     def add_category(self, name: str) -> None:
         self.store.add_category(name)
+
+    def rename_category(self, old: str, new: str) -> None:
+        """Rename a category; its labels, models and validation sample follow (they refer to it by id)."""
+        self.store.rename_category(old, new)
+
+    def labels(self, category: str) -> dict[int, str]:
+        """The current decision ('positive' / 'negative') per image id in ``category``."""
+        return self.store.labels(category)
+
+    def label_authors(self, category: str) -> dict[int, str]:
+        """Who made the current decision, per image id, in ``category``."""
+        return self.store.label_authors(category)
+
+    def label_counts(self) -> dict[str, dict[str, int]]:
+        """Current positives and negatives per category (every category, zeros included)."""
+        return self.store.label_counts()
 
     def label(self, category: str, image_ids: Sequence[int], value: str, source: str = "user", author: str | None = None) -> list[int]:
         """Record ``author``'s (default: the OS user's) decision for each image; durable (committed) when this returns.
@@ -147,26 +194,22 @@ class Project:
         """Undo ``author``'s (default: the OS user's) latest decision in ``category``; see :meth:`Store.undo`."""
         return self.store.undo(category, author or local_user())
 
-    def label_paths(self, category: str, paths: Sequence[str | Path], value: str, source: str = "import", author: str | None = None) -> list[str]:
-        """Label images given by path; returns the paths that are not ingested images."""
+    def image_ids_for_paths(self, paths: Sequence[str | Path]) -> tuple[list[int], list[str]]:
+        """(ids of the ingested images among ``paths``, the paths that are not ingested images)."""
         ids, missing = [], []
         for p in paths:
             image_id = self.store.image_id_for_path(str(Path(p).expanduser().resolve()))
             (missing.append(str(p)) if image_id is None else ids.append(image_id))
+        return ids, missing
+
+    def label_paths(self, category: str, paths: Sequence[str | Path], value: str, source: str = "import", author: str | None = None) -> list[str]:
+        """Label images given by path; returns the paths that are not ingested images."""
+        ids, missing = self.image_ids_for_paths(paths)
         if ids:
             self.label(category, ids, value, source=source, author=author)
         return missing
 
     # -- training ------------------------------------------------------------------------
-    def _inputs(self, mode: str):
-        if mode == "adapter":
-            return self.features.open("pooled")
-        if mode == "last-stage":
-            if not self.features.has_maps or not self.features.path("maps").exists():
-                raise ValueError("last-stage mode needs cached stage maps; this backbone/project has none")
-            return self.features.open("maps")
-        return PixelLoader(self.store, self.backbone)
-
     def train(
         self,
         categories: str | Sequence[str] | None = None,
@@ -180,9 +223,9 @@ class Project:
         version becomes active only once all of it is on disk; a failed or cancelled round
         leaves the previous version active.
         """
-        from .distributed import rescore_version
         from .model import build_model, grow_categories, save_checkpoint
-        from .train import build_training_set, train
+        from .scoring import rescore_version
+        from .train import TrainConfig, build_training_set, train
 
         config = config or TrainConfig()
         counts = self.store.label_counts()
@@ -212,7 +255,7 @@ class Project:
         model_id = self.store.add_model(cats, config.mode, asdict(config), parent.id if parent else None)
         started = time.perf_counter()
         try:
-            inputs = self._inputs(config.mode)
+            inputs = get_mode(config.mode).inputs(self)
             labels = {k: self.store.labels(c) for k, c in enumerate(cats)}
             training_set = build_training_set(inputs, labels, ids, self.features.open("logits"), config)
             def record_losses(epochs) -> None:  # live loss curve for the Train page
@@ -251,10 +294,10 @@ class Project:
         """Re-score every embedded image with the active model and rebuild its index (after embedding more images).
 
         Streams chunk by chunk into the version's memory-mapped folder, in process or on Ray
-        (``engine="ray"``, ``ray_config`` a :class:`bgminer.distributed.RayConfig`); the version's
+        (``engine="ray"``, ``ray_config`` a :class:`bgminer.ray_engine.RayConfig`); the version's
         old scores and index keep serving until the new ones are complete.
         """
-        from .distributed import rescore_version
+        from .scoring import rescore_version
 
         record = self.store.active_model()
         if record is None:
@@ -262,11 +305,19 @@ class Project:
         model = self.load_model(record.id)
         ids = np.asarray(self.store.image_ids(embedded=True), dtype=np.int64)
         version = rescore_version(
-            model, self._inputs(model.mode), ids, self.scores_dir, record.id,
+            model, get_mode(model.mode).inputs(self), ids, self.scores_dir, record.id,
             engine=engine, ray_config=ray_config, device=device, progress=progress, cancel=cancel,
         )
         self._build_index(record.id, version.embeddings(), ids)
         return record
+
+    def active_model(self, category: str | None = None) -> ModelRecord | None:
+        """The version that serves ``category`` (any category when None): the newest ready one."""
+        return self.store.active_model(category)
+
+    def models(self) -> list[ModelRecord]:
+        """Every model version, newest first, whatever its state."""
+        return self.store.models()
 
     def load_model(self, model_id: int | None = None, category: str | None = None):
         """The trained model of a version (default: the active one for ``category``).
@@ -296,6 +347,8 @@ class Project:
 
     # -- scores and index ----------------------------------------------------------------
     def version_scores(self, category: str) -> tuple[ModelRecord, VersionScores] | None:
+        from .scoring import read_version
+
         record = self.store.active_model(category)
         if record is None:
             return None
@@ -329,6 +382,7 @@ class Project:
         Loaded from disk once per process; images embedded since it was built are added incrementally.
         """
         from .index import VectorIndex
+        from .scoring import read_version
 
         active = self.store.active_model()
         model_id = None if active is None else active.id
@@ -358,25 +412,21 @@ class Project:
         return index
 
     def embed_query(self, image_file: str | Path | bytes) -> np.ndarray:
-        """Embed an image that is not in the corpus into the active index's space."""
+        """Embed an image that is not in the corpus into the active index's space (see :func:`bgminer.modes.embed_query`)."""
         import io
 
         import torch
 
+        from .backbone import Preprocess
         from .imageio import load_rgb, to_tensor_uint8
+        from .modes import embed_query
 
         source = io.BytesIO(image_file) if isinstance(image_file, bytes) else image_file
         pixels = Preprocess(self.backbone.preprocess)(to_tensor_uint8(load_rgb(source, draft_size=self.backbone.preprocess.resize)))
+        active = self.store.active_model()
+        model = None if active is None else self.load_model(active.id)
         with torch.inference_mode():
-            pooled = self.backbone.trunk.forward_features(pixels[None])
-            active = self.store.active_model()
-            if active is None:
-                return pooled.numpy()
-            model = self.load_model(active.id)
-            if model.mode != "adapter":
-                x = pixels[None] if model.mode == "full" else self.backbone.trunk.stem(pixels[None])
-                return model.embed(x).numpy()
-            return model.embed(pooled).numpy()
+            return embed_query(self.backbone, model, pixels[None]).numpy()
 
     def _candidates(self, ids: Sequence[int], scores: Sequence[float | None]) -> list[Candidate]:
         paths = self.store.image_paths(ids)
@@ -416,45 +466,25 @@ class Project:
         return self._candidates(ids[order], [None] * len(order))
 
     # -- review --------------------------------------------------------------------------
-    def suggest(self, category: str, n: int = 50, strategy: str = "most-likely", exclude: Sequence[int] = (), seed: int = 0) -> list[Candidate]:
-        """The next ``n`` images to review for ``category``; never an image already labeled for it.
-
-        ``exclude`` holds ids the caller skipped. ``strategy`` is a name from
-        :data:`bgminer.rank.STRATEGIES`, or ``"validate"`` for the unlabeled part of the
-        importance sample that :meth:`status` uses to estimate what is left to find.
-        """
-        from .rank import RankContext, make_strategy
-
-        labels = self.store.labels(category)
-        if strategy == "validate":
-            sample = self.validation_sample(category)
-            todo = [i for i in sample["ids"] if i not in labels and i not in set(exclude)]
-            return self._candidates(todo[:n], [None] * min(n, len(todo)))
+    def ranking_inputs(self, category: str) -> tuple[np.ndarray, np.ndarray | None, Any]:
+        """What review strategies rank for ``category``: (image ids, the active model's scores or
+        None before training, the vector index). :class:`bgminer.loop.Miner` runs the loop."""
         found = self.version_scores(category)
         if found is None:
             ids, scores = np.asarray(self.store.image_ids(embedded=True), dtype=np.int64), None
         else:
             _, version = found
             ids, scores = version.ids, version.column(category)
-        ctx = RankContext(
-            ids=ids,
-            scores=scores,
-            embeddings=self.index() if len(ids) else None,
-            positive_ids=[i for i, v in labels.items() if v == "positive"],
-            negative_ids=[i for i, v in labels.items() if v == "negative"],
-            reviewed_ids=list(exclude),
-            seed=seed,
-        )
-        chosen = make_strategy(strategy).query(ctx, n)
-        by_id = dict(zip(ids.tolist(), scores.tolist())) if scores is not None else {}
-        return self._candidates(chosen, [by_id.get(int(i)) for i in chosen])
+        return ids, scores, self.index() if len(ids) else None
 
     def review_stats(self, category: str) -> ReviewStats:
         """Decisions made in review for ``category`` (undone ones removed), in order."""
+        from .evaluate import discovery_curve
+
         events = self.store.label_history(category, limit=1_000_000)[::-1]
         undone = {e.undoes for e in events if e.undoes is not None}
         decisions = [e.value == "positive" for e in events if e.source == "review" and e.undoes is None and e.id not in undone]
-        curve = np.cumsum(decisions).astype(int).tolist() if decisions else []
+        curve = discovery_curve(decisions).tolist()
         last = decisions[-20:]
         return ReviewStats(
             reviewed=len(decisions),
@@ -538,6 +568,32 @@ class Project:
         }
         return out
 
+    # -- background jobs and project settings -------------------------------------------
+    def jobs(self, n: int = 20, active_only: bool = False) -> list[JobRecord]:
+        """The newest ``n`` background jobs of this project (any process), newest first."""
+        return self.store.jobs(limit=n, active_only=active_only)
+
+    def job_runner(self, max_jobs: int | None = None) -> JobRunner:
+        """A runner for this project's background jobs (see :class:`bgminer.jobs.JobRunner`).
+
+        Call :meth:`fail_orphaned_jobs` first when it is the process's only runner."""
+        return JobRunner(self.store, max_jobs=max_jobs)
+
+    def fail_orphaned_jobs(self) -> int:
+        """Mark failed the jobs left running by a process of this machine that no longer exists."""
+        return self.store.fail_orphaned_jobs()
+
+    @property
+    def auto_retrain_after(self) -> int:
+        """Retrain in the background after this many new labels of a category (0: never); one setting per project."""
+        return int(self.store.get_meta(AUTO_RETRAIN_META, "0") or 0)
+
+    @auto_retrain_after.setter
+    def auto_retrain_after(self, labels: int) -> None:
+        if labels < 0:
+            raise ValueError("auto-retrain threshold must be 0 (off) or a positive number of labels")
+        self.store.set_meta(AUTO_RETRAIN_META, str(int(labels)))
+
     def backup(self, dest: str | Path, with_features: bool = False, with_thumbnails: bool = False, progress: ProgressFn | None = None):
         """A consistent copy of the project in the new folder ``dest``, taken while others may write;
         see :mod:`bgminer.backup`. Returns a :class:`bgminer.backup.BackupReport`."""
@@ -548,18 +604,26 @@ class Project:
     def info(self) -> dict[str, Any]:
         s = self.store
         active = s.active_model()
+        counts = self.corpus_counts()
         return {
             "project": str(self.root),
             "backbone": self.backbone_name,
-            "images": s.image_count("ok"),
-            "rejected": s.image_count("rejected"),
+            "images": counts.images,
+            "rejected": counts.rejected,
             "rejected_by_reason": s.rejected_counts(),
-            "embedded": s.embedded_count(),
+            "embedded": counts.embedded,
             "categories": s.categories(),
             "labels": s.label_counts(),
             "models": len(s.models()),
             "active_model": None if active is None else {"id": active.id, "categories": active.categories, "mode": active.mode},
         }
+
+
+@dataclass(frozen=True)
+class CorpusCounts:
+    images: int  # usable (status ok)
+    embedded: int  # usable and in the feature cache
+    rejected: int  # refused at ingest, kept to tell the user why
 
 
 @dataclass(frozen=True)
@@ -597,8 +661,3 @@ def _training_metrics(labels: dict[int, dict[int, str]], ids: np.ndarray, scores
         if rows and any(y for _, y in rows) and not all(y for _, y in rows):
             metrics[f"train_ap/{c}"] = float(average_precision(np.array([y for _, y in rows]), scores[[r for r, _ in rows], k]))
     return metrics
-
-
-def to_json(obj: Any) -> str:
-    """One JSON object for ``--json`` outputs (dataclasses included)."""
-    return json.dumps(asdict(obj) if hasattr(obj, "__dataclass_fields__") else obj, default=str)

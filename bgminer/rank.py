@@ -2,8 +2,9 @@
 
 Each strategy is a small object with one method, ``query(ctx, n) -> ids`` (small-text style);
 ``CandidatePool`` wraps any of them to restrict it to the positives' neighbourhoods (SEALS,
-Coleman et al., AAAI 2022). Strategies never return an id that is labeled or reviewed, and by
-default drop near-duplicates so one page is not many copies of one picture.
+Coleman et al., AAAI 2022; ``Miner(pool_neighbors=)``, ``bgminer rank --pool-neighbors``).
+Strategies never return an id that is labeled or reviewed, and by default drop near-duplicates
+so one page is not many copies of one picture. :class:`bgminer.loop.Miner` builds the context.
 
 When a strategy's input is missing it falls back to the next one that can run: a score-based
 strategy before the first model -> ``NearestToPositives`` -> ``RandomStrategy`` (no positives or
@@ -38,6 +39,7 @@ class RankContext:
     positive_ids: np.ndarray = field(default_factory=_id_array)
     negative_ids: np.ndarray = field(default_factory=_id_array)
     reviewed_ids: np.ndarray = field(default_factory=_id_array)  # seen, skipped or rejected: never shown again
+    validation_ids: np.ndarray = field(default_factory=_id_array)  # the estimator's importance sample, in draw order
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -45,6 +47,7 @@ class RankContext:
         self.positive_ids = _id_array(self.positive_ids)
         self.negative_ids = _id_array(self.negative_ids)
         self.reviewed_ids = _id_array(self.reviewed_ids)
+        self.validation_ids = _id_array(self.validation_ids)
         if self.scores is not None:
             self.scores = np.asarray(self.scores, dtype=np.float32).reshape(-1)
             if self.scores.shape != self.ids.shape:
@@ -145,6 +148,8 @@ def _top(ids: np.ndarray, keys: np.ndarray, limit: int) -> np.ndarray:
 class Strategy(ABC):
     """Ranks available ids for review. Subclasses implement :meth:`rank`; :meth:`query` adds de-duplication."""
 
+    uses_validation_sample = False  # True: the caller fills ``RankContext.validation_ids``
+
     def __init__(self, dedup_threshold: float | None = DEDUP_THRESHOLD):
         self.dedup_threshold = dedup_threshold
 
@@ -240,6 +245,21 @@ class Uncertain(_Scored):
         return -np.abs(ctx.scores - self.decision_boundary(ctx))
 
 
+class ValidationSample(Strategy):
+    """The unlabeled images of the validation sample, in draw order: labeling them all lets
+    :meth:`bgminer.project.Project.status` estimate the positives left to find."""
+
+    uses_validation_sample = True
+
+    def __init__(self, dedup_threshold: float | None = None):
+        super().__init__(dedup_threshold)  # the sample is what it is: near-duplicates included
+
+    def rank(self, ctx: RankContext, limit: int) -> np.ndarray:
+        ids = ctx.validation_ids[~np.isin(ctx.validation_ids, ctx.excluded_ids)]
+        _, first = np.unique(ids, return_index=True)
+        return ids[np.sort(first)][:limit]
+
+
 class Mixture(Strategy):
     """Interleaves strategies in proportion to their weights (smooth weighted round-robin), without duplicates."""
 
@@ -285,6 +305,7 @@ class CandidatePool(Strategy):
         super().__init__(dedup_threshold)
         self.base = base
         self.k_neighbors = k_neighbors
+        self.uses_validation_sample = base.uses_validation_sample
 
     def pool(self, ctx: RankContext) -> np.ndarray | None:
         """The candidate ids, or None when there is no pool to build."""
@@ -311,7 +332,9 @@ STRATEGIES: dict[str, Callable[[], Strategy]] = {
     "near-positives": NearestToPositives,
     "random": RandomStrategy,
     "mixed": _mixed,
+    "validate": ValidationSample,
 }
+NEEDS_MODEL = frozenset({"most-likely", "uncertain", "mixed", "validate"})  # fall back (or fail) before the first model
 
 
 def make_strategy(name: str, pool_neighbors: int | None = None) -> Strategy:

@@ -1,5 +1,5 @@
 """Feature shards: one file per block of embedded images, written by distributed workers and
-merged into the project's :class:`~bgminer.features.FeatureCache`.
+merged into the project's :class:`~bgminer.feature_cache.FeatureCache`.
 
 A shard is one uncompressed ``.npz`` holding the block's image ids, its cached arrays
 (``pooled``, ``logits`` and, when the cache keeps them, ``maps``), the images that could not
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .features import FeatureCache
+from .feature_cache import FeatureCache
 from .fsutil import atomic_path, ensure_free
 from .store import Store
 
@@ -86,7 +86,8 @@ def read_shard(path: Path) -> Shard | None:
         with np.load(path, allow_pickle=False) as z:
             ids = z["ids"]
             arrays = {key.removeprefix("array_"): z[key] for key in z.files if key.startswith("array_")}
-            rejected = list(zip(z["rejected_ids"].tolist(), z["rejected_reason"].tolist(), z["rejected_detail"].tolist()))
+            columns = (z["rejected_ids"].tolist(), z["rejected_reason"].tolist(), z["rejected_detail"].tolist())
+            rejected = list(zip(*columns, strict=True))
             sha = str(z["weights_sha256"])
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
         return None
@@ -104,7 +105,7 @@ def finished_shards(folder: Path) -> list[Path]:
 def remove_partials(folder: Path) -> int:
     """Delete files left by writers killed mid-write; returns how many.
 
-    Call only while holding the feature cache's lock for a whole run (as :func:`bgminer.distributed.embed_on_ray`
+    Call only while holding the feature cache's lock for a whole run (as :func:`bgminer.ray_engine.embed_on_ray`
     does), so no live writer's file is among them.
     """
     folder = Path(folder)

@@ -127,6 +127,17 @@ MIGRATIONS: list[str] = [
     ALTER TABLE models ADD COLUMN pid INTEGER;
     ALTER TABLE models ADD COLUMN host TEXT;
     """,
+    # 4: review skips per person and category, so a skipped image stays out of that person's
+    # queue across reloads, tabs and the CLI (a skip is no label: others still see the image).
+    """
+    CREATE TABLE skips (
+        category_id INTEGER NOT NULL REFERENCES categories (id),
+        author TEXT NOT NULL,
+        image_id INTEGER NOT NULL REFERENCES images (id),
+        created_at REAL NOT NULL,
+        PRIMARY KEY (category_id, author, image_id)
+    );
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -315,9 +326,6 @@ class Store:
         if status is None:
             return self.db.execute("SELECT COUNT(*) FROM images").fetchone()[0]
         return self.db.execute("SELECT COUNT(*) FROM images WHERE status = ?", (status,)).fetchone()[0]
-
-    def max_image_id(self) -> int:
-        return self.db.execute("SELECT COALESCE(MAX(id), 0) FROM images").fetchone()[0]
 
     def image_ids(self, embedded: bool | None = None) -> list[int]:
         """Ids of accepted images, ascending; optionally only (un)embedded ones."""
@@ -513,8 +521,20 @@ class Store:
         rows = self.db.execute(sql + f" ORDER BY e.id DESC LIMIT {int(limit)}", args)
         return [_label_event(r) for r in rows]
 
-    def label_event_count(self, category: str) -> int:
-        return self.db.execute("SELECT COUNT(*) FROM label_events WHERE category_id = ?", (self.category_id(category),)).fetchone()[0]
+    def add_skips(self, category: str, author: str, image_ids: Sequence[int]) -> None:
+        """Remember that ``author`` skipped these images in review for ``category`` (durable on return)."""
+        cid = self.category_id(category)
+        now = time.time()
+        with self.write() as db:
+            for image_id in image_ids:
+                if db.execute("SELECT 1 FROM images WHERE id = ? AND status = 'ok'", (int(image_id),)).fetchone() is None:
+                    raise StoreError(f"no ingested image with id {image_id}")
+                db.execute("INSERT OR IGNORE INTO skips (category_id, author, image_id, created_at) VALUES (?, ?, ?, ?)", (cid, author, int(image_id), now))
+
+    def skipped(self, category: str, author: str) -> list[int]:
+        """The images ``author`` skipped in review for ``category``, ascending."""
+        rows = self.db.execute("SELECT image_id FROM skips WHERE category_id = ? AND author = ? ORDER BY image_id", (self.category_id(category), author))
+        return [r[0] for r in rows]
 
     # -- models --------------------------------------------------------------------------
     def add_model(self, categories: Sequence[str], mode: str, config: dict, parent_id: int | None) -> int:

@@ -1,4 +1,4 @@
-"""Training rounds for the background-splitting model, and streaming corpus scoring.
+"""Training rounds for the background-splitting model.
 
 Label convention for the main head (``TrainingSet.main_labels``): ``0`` = background, ``c + 1`` =
 category ``c``, ``-1`` = no main label (the row only gets the auxiliary loss). Following Forager,
@@ -18,37 +18,19 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bgminer.model import MODES, BackgroundSplittingModel
+from bgminer.device import autocast, resolve_device, to_device
+from bgminer.features import Inputs, inputs_ahead, read_inputs
+from bgminer.model import BackgroundSplittingModel
+from bgminer.modes import get_mode
 from bgminer.progress import CancelToken, ProgressFn, check, report
 
-# Array-like indexable by an int64 id array (numpy memmap [cap, ...]), or a loader ``load(ids, train)``.
-Inputs = np.ndarray | Callable[[np.ndarray, bool], torch.Tensor]
-
-# Per-mode defaults for the TrainConfig fields left as None. Measured on the clip-art loop
-# (bench/quality.py protocol B, 5 seeds, docs/quality.md):
-# - adapter rounds start afresh from the pretrained model: they take about a second, and
-#   warm-started rounds found 7 fewer positives in 300 reviews, the trunk over-training round
-#   after round. The pixel and stage-map modes warm-start so that each round stays short.
-# - adapter rounds take at least 128 steps: with 32, the first rounds (5 positives + 200 sampled
-#   background) under-fit, finding 2.8 of 12 hidden positives at 0.5% prevalence against 8.0.
-#   On pixels that many steps would cost minutes on a CPU, so the other modes keep 32.
-_MODE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "adapter": {"epochs": 4, "batch_size": 64, "lr": 1e-3, "warm_start": False, "min_steps": 128},
-    "last-stage": {"epochs": 5, "batch_size": 64, "lr": 3e-4, "warm_start": True, "min_steps": 32},
-    "full": {"epochs": 10, "batch_size": 64, "lr": 1e-4, "warm_start": True, "min_steps": 32},
-}
-# Scoring chunk per mode: bounded memory whatever the corpus size (a full-mode chunk is pixels).
-_SCORE_BATCH = {"adapter": 4096, "last-stage": 256, "full": 128}
 _PROGRESS_INTERVAL_S = 0.5
 
 
@@ -56,7 +38,8 @@ _PROGRESS_INTERVAL_S = 0.5
 class TrainConfig:
     """Everything that decides a training round; JSON-able (``dataclasses.asdict``) for the store.
 
-    ``epochs``, ``batch_size``, ``lr``, ``warm_start`` and ``min_steps`` left as None take the mode's default.
+    ``epochs``, ``batch_size``, ``lr``, ``warm_start`` and ``min_steps`` left as None take the mode's default
+    (:attr:`bgminer.modes.ModeSpec.defaults`).
     """
 
     mode: str = "adapter"
@@ -77,9 +60,7 @@ class TrainConfig:
     warm_start: bool | None = None  # start from the previous version of the same mode (None: the mode's default)
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"unknown training mode {self.mode!r}; choose one of {', '.join(MODES)}")
-        for name, value in _MODE_DEFAULTS[self.mode].items():
+        for name, value in asdict(get_mode(self.mode).defaults).items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
         if not 0.0 <= self.pos_fraction < 1.0:
@@ -125,16 +106,6 @@ class TrainResult:
     seconds: float
     device: str
 
-    def summary(self) -> dict[str, Any]:
-        """JSON-able record of the round (everything but the model)."""
-        return {
-            "epochs": [asdict(e) for e in self.epochs],
-            "steps": self.steps,
-            "samples": self.samples,
-            "seconds": self.seconds,
-            "device": self.device,
-        }
-
 
 def _is_positive(value: str | int) -> bool:
     if value in ("positive", 1, True):
@@ -178,7 +149,7 @@ def build_training_set(
 
     row_ids = np.concatenate([positive_rows, negatives, background])
     main_labels = np.concatenate([positive_labels, np.zeros(len(negatives) + n_background, dtype=np.int64)])
-    logits = _fetch(imagenet_logits, row_ids, train=False).numpy()
+    logits = read_inputs(imagenet_logits, row_ids, train=False).numpy()
     return TrainingSet(
         inputs=inputs,
         row_ids=row_ids,
@@ -186,59 +157,6 @@ def build_training_set(
         aux_targets=logits.argmax(axis=1).astype(np.int64),
         aux_soft=logits if config.soft_aux else None,
     )
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' requested but CUDA is not available")
-    return torch.device(device)
-
-
-def _fetch(inputs: Inputs, ids: np.ndarray, train: bool) -> torch.Tensor:
-    """Model input for ``ids`` as float32, read in sorted id order (sequential on a memmap)."""
-    if callable(inputs):
-        return inputs(ids, train).float()
-    order = np.argsort(ids, kind="stable")
-    x = torch.from_numpy(np.asarray(inputs[ids[order]], dtype=np.float32))
-    return x[torch.from_numpy(np.argsort(order, kind="stable"))]
-
-
-def _prefetched(inputs: Inputs, id_batches: list[np.ndarray], train: bool, pin: bool) -> Iterator[torch.Tensor]:
-    """Inputs batch by batch; a loader's next batch is read in a background thread while the caller computes.
-
-    Cached arrays are read inline: slicing a memmap costs less than handing the work to a thread.
-    """
-    if not callable(inputs):
-        yield from (_fetch(inputs, ids, train) for ids in id_batches)
-        return
-    if not id_batches:
-        return
-
-    def load(ids: np.ndarray) -> torch.Tensor:
-        x = _fetch(inputs, ids, train)
-        return x.pin_memory() if pin else x
-
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(load, id_batches[0])
-        for following in [*id_batches[1:], None]:
-            x = pending.result()
-            if following is not None:
-                pending = pool.submit(load, following)
-            yield x
-
-
-def _autocast(device: torch.device) -> Any:
-    if device.type != "cuda":
-        return nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast("cuda", dtype=dtype)
-
-
-def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    x = x.to(device, non_blocking=True)
-    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 and device.type == "cuda" else x
 
 
 def _epoch_order(ts: TrainingSet, config: TrainConfig, generator: torch.Generator) -> torch.Tensor:
@@ -278,7 +196,7 @@ def train(
     start = time.perf_counter()
     generator = torch.Generator().manual_seed(config.seed)
     net = copy.deepcopy(model).to(device)
-    if device.type == "cuda" and config.mode != "adapter":
+    if device.type == "cuda" and get_mode(config.mode).spatial_input:
         net = net.to(memory_format=torch.channels_last)
     net.train()
     optimizer = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=True)
@@ -305,12 +223,12 @@ def train(
         batches = 0
         positions = list(order.split(batch_size))
         id_batches = [training_set.row_ids[pos.numpy()] for pos in positions]
-        for pos, x in zip(positions, _prefetched(training_set.inputs, id_batches, True, device.type == "cuda")):
+        for pos, x in zip(positions, inputs_ahead(training_set.inputs, id_batches, True, device.type == "cuda"), strict=True):
             check(cancel)
-            x = _to_device(x, device)
+            x = to_device(x, device)
             y_main = main_labels[pos].to(device)
             y_aux = (aux_probs if aux_probs is not None else aux_targets)[pos].to(device)
-            with _autocast(device):
+            with autocast(device):
                 main_logits, aux_logits = net(x)
             has_main = y_main >= 0
             main_loss = (
@@ -347,46 +265,3 @@ def train(
         device=str(device),
     )
 
-
-def score(
-    model: BackgroundSplittingModel,
-    inputs: Inputs,
-    row_ids: np.ndarray,
-    batch_size: int | None = None,
-    device: str = "auto",
-    progress: ProgressFn | None = None,
-    cancel: CancelToken | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Embeddings ``float32 [N, D]`` and category probabilities ``float32 [N, K]`` for ``row_ids``, in chunks.
-
-    ``batch_size`` None takes the mode's chunk size (4096 feature rows, 256 stage maps, 128 images).
-    """
-    dev = resolve_device(device)
-    batch_size = batch_size or _SCORE_BATCH[model.mode]
-    row_ids = np.asarray(row_ids, dtype=np.int64)
-    net = model
-    if next(model.parameters()).device != dev:
-        net = copy.deepcopy(model).to(dev)
-    if dev.type == "cuda" and model.mode != "adapter":
-        net = net.to(memory_format=torch.channels_last)
-    was_training = net.training
-    net.eval()
-    embeddings = np.empty((len(row_ids), model.embedding_dim), dtype=np.float32)
-    scores = np.empty((len(row_ids), len(model.categories)), dtype=np.float32)
-    try:
-        with torch.inference_mode():
-            id_batches = [row_ids[begin : begin + batch_size] for begin in range(0, len(row_ids), batch_size)]
-            begin = 0
-            for x in _prefetched(inputs, id_batches, False, dev.type == "cuda"):
-                check(cancel)
-                x = _to_device(x, dev)
-                n = len(x)
-                with _autocast(dev):
-                    h = net.embed(x)
-                embeddings[begin : begin + n] = h.float().cpu().numpy()
-                scores[begin : begin + n] = net.probabilities(h.float()).cpu().numpy()
-                begin += n
-                report(progress, begin, len(row_ids), "scoring")
-    finally:
-        net.train(was_training)
-    return embeddings, scores

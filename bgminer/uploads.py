@@ -21,13 +21,11 @@ from typing import BinaryIO
 
 from .corpus import IngestError, extract_zip
 from .fsutil import DiskSpaceError, ensure_free, fsync_dir
-from .imageio import ImageRejected, read_image
+from .imageio import FORMAT_SUFFIXES, ImageRejected, read_image
 from .settings import Limits
 
 WEB_FOLDER = "web"
 ZIP_STEM = "upload"  # unpacked archives go to uploads/upload-<sha256[:16]>/
-# Decoded format -> the suffix the stored file gets.
-FORMAT_SUFFIX = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "BMP": ".bmp", "GIF": ".gif", "TIFF": ".tif"}
 MiB = 2**20
 
 
@@ -120,8 +118,9 @@ def _save_one(uploads_dir: Path, name: str, content: bytes | BinaryIO, size: int
         decoded = read_image(fp)
     except ImageRejected as e:
         raise UploadRefused(f"not a usable image ({e})") from e
-    tmp, digest = _write_temp(web, fp, FORMAT_SUFFIX[decoded.format])
-    dest = web / digest[:2] / f"{digest}{FORMAT_SUFFIX[decoded.format]}"
+    suffix = FORMAT_SUFFIXES[decoded.format][0]
+    tmp, digest = _write_temp(web, fp, suffix)
+    dest = web / digest[:2] / f"{digest}{suffix}"
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
         os.link(tmp, dest)  # exclusive create of the complete file

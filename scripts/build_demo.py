@@ -24,8 +24,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.datasets import RARE_CATEGORY, ClipArt, manifest_summary, openclipart
+from bgminer.demo import DEMO_DIR
 
-DEMO_DIR = REPO / "assets" / "demo"
 MAX_BYTES = 10_000_000
 MAX_ASPECT = 3.0  # banners and rules make poor thumbnails
 MIN_LONG_SIDE = 96

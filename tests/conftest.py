@@ -26,3 +26,11 @@ def image_folder(tmp_path):
 def image_folder_module(tmp_path_factory):
     """The same images, shared by the tests of one module (for slow per-module set-ups)."""
     return write_images(tmp_path_factory.mktemp("images"))
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """A project with a trained red-disc model and its export (tests/exported.py), built once."""
+    from exported import train_and_export
+
+    return train_and_export(tmp_path_factory.mktemp("export"))

@@ -16,9 +16,10 @@ import pytest
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
-from bgminer.cli import DEMO_CATEGORY, DEMO_DIR
+from bgminer.demo import DEMO_CATEGORY, DEMO_DIR
 from bgminer.progress import CancelToken
 from bgminer.project import Project
+from bgminer.settings import local_user
 
 REPO = Path(__file__).resolve().parent.parent
 APP = str(REPO / "app.py")
@@ -288,7 +289,7 @@ def test_train_button_runs_a_round_in_the_background(demo, small_demo):
 def test_auto_retrain_setting_is_kept_in_the_project(demo):
     at = app(demo.root, "train")
     at.toggle(key="train_auto_retrain").set_value(True).run()
-    assert demo.store.get_meta("ui.auto_retrain_after") == "20"
+    assert demo.auto_retrain_after == 20
 
 
 # -- review -----------------------------------------------------------------------------
@@ -324,6 +325,9 @@ def test_review_skip_moves_on_without_labeling(trained):
     at.button(key="review-skip").click().run()
     assert trained.store.labels(DEMO_CATEGORY) == before
     assert at.session_state["review_queue"].items[0].image_id != first
+    assert trained.store.skipped(DEMO_CATEGORY, local_user()) == [first]  # in the store: the CLI sees it
+    reloaded = app(trained.root, "review")  # a new session (a reload) keeps the skip
+    assert first not in {c.image_id for c in reloaded.session_state["review_queue"].items}
 
 
 def test_review_shows_counters_and_every_strategy(trained):
@@ -359,7 +363,7 @@ def test_export_offers_model_labels_and_scores(trained):
 
 
 def test_auto_retrain_starts_a_round_once_enough_new_labels_arrive(trained):
-    trained.store.set_meta("ui.auto_retrain_after", "2")
+    trained.auto_retrain_after = 2
     at = app(trained.root, "review")
     at.button(key="review-negative").click().run()
     assert not trained.store.jobs()

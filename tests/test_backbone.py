@@ -8,7 +8,7 @@ from bgminer.backbone import Preprocess, create_backbone, load_backbone
 def _top(backbone, image, k=3):
     x = Preprocess(backbone.preprocess)(torch.from_numpy(image).permute(2, 0, 1))
     with torch.inference_mode():
-        probs = backbone.trunk(x[None]).softmax(-1)[0]
+        probs = backbone.net(x[None]).softmax(-1)[0]
     return [backbone.class_names[i] for i in probs.topk(k).indices]
 
 
@@ -25,11 +25,11 @@ def test_split_trunk_matches_whole_network():
     bb = load_backbone()
     x = torch.randn(2, 3, 224, 224)
     with torch.inference_mode():
-        maps = bb.trunk.stem(x)
+        maps = bb.net.stem(x)
         assert tuple(maps.shape[1:]) == bb.map_shape
-        pooled = bb.trunk.head(maps)
+        pooled = bb.net.last_stage(maps)
         assert pooled.shape == (2, bb.feature_dim)
-        torch.testing.assert_close(bb.trunk.classifier(pooled), bb.trunk(x))
+        torch.testing.assert_close(bb.net.classifier(pooled), bb.net(x))
 
 
 def test_preprocess_shapes_any_image_to_crop():
@@ -60,5 +60,5 @@ def test_resnet50_plugs_in_from_a_local_checkpoint(tmp_path):
     torch.save(torchvision.models.resnet50(weights=None).state_dict(), path)
     bb = create_backbone("resnet50", path)
     with torch.inference_mode():
-        pooled = bb.trunk.forward_features(torch.randn(1, 3, 224, 224))
+        pooled = bb.net.forward_features(torch.randn(1, 3, 224, 224))
     assert pooled.shape == (1, 2048) and len(bb.class_names) == 1000

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from bgminer.cli import DEMO_CATEGORY, DEMO_DIR, build_demo_project
+from bgminer.demo import DEMO_CATEGORY, DEMO_DIR, build_demo_project
 from bgminer.store import Store
 
 CHROMIUM = Path("/usr/bin/chromium")

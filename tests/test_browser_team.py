@@ -18,7 +18,7 @@ import pytest
 import test_app  # puts the repo on sys.path; its small_demo fixture is reused below
 from test_browser import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, REPO, WAIT_MS, _healthy, settle
 
-from bgminer.cli import DEMO_CATEGORY
+from bgminer.demo import DEMO_CATEGORY
 from bgminer.store import Store
 
 ALICE, BOB = "alice@example.org", "bob@example.org"

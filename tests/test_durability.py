@@ -16,14 +16,13 @@ import pytest
 import torch
 from PIL import Image
 
-from bgminer.distributed import rescore_version
 from bgminer.fsutil import atomic_write_bytes
 from bgminer.index import VectorIndex, build_index
 from bgminer.model import build_model, load_checkpoint, save_checkpoint
 from bgminer.project import Project
+from bgminer.scoring import VersionWriter, generations, read_version, rescore_version, score
 from bgminer.store import Store
-from bgminer.train import TrainConfig, score
-from bgminer.versions import VersionWriter, generations, read_version
+from bgminer.train import TrainConfig
 
 
 def tiny_pngs(folder: Path, n: int, seed: int) -> Path:
@@ -50,7 +49,7 @@ def expected_pooled(project: Project, ids: list[int]) -> np.ndarray:
     paths = project.store.image_paths(ids)
     pixels = torch.stack([Preprocess(bb.preprocess)(to_tensor_uint8(load_rgb(paths[i], draft_size=bb.preprocess.resize))) for i in ids])
     with torch.inference_mode():
-        return bb.trunk.forward_features(pixels).numpy()
+        return bb.net.forward_features(pixels).numpy()
 
 
 def zero_rows_marked_embedded(root: Path) -> list[int]:
@@ -229,7 +228,7 @@ def test_a_rescore_never_leaves_the_version_without_complete_scores(embedded, tm
 def test_before_and_after_each_rename_and_delete_of_a_commit_readers_see_whole_scores(embedded, tmp_path, monkeypatch):
     import types
 
-    from bgminer import versions
+    from bgminer import scoring
 
     ids = np.asarray(embedded.store.image_ids(), dtype=np.int64)
     pooled = embedded.features.open("pooled")
@@ -256,8 +255,8 @@ def test_before_and_after_each_rename_and_delete_of_a_commit_readers_see_whole_s
 
         return types.SimpleNamespace(**{n: wrap(getattr(module, n)) if n in names else getattr(module, n) for n in dir(module) if not n.startswith("__")})
 
-    monkeypatch.setattr(versions, "os", observed(os, ["rename", "replace", "unlink"]))
-    monkeypatch.setattr(versions, "shutil", observed(versions.shutil, ["rmtree", "move"]))
+    monkeypatch.setattr(scoring, "os", observed(os, ["rename", "replace", "unlink"]))
+    monkeypatch.setattr(scoring, "shutil", observed(scoring.shutil, ["rmtree", "move"]))
     rescore_version(models[1], pooled, ids, scores_dir, 7)
     assert len(seen) >= 4 and all(seen)  # the swap and the removal of the old generation were both watched
     np.testing.assert_allclose(read_version(scores_dir, 7, ["a", "b"]).scores, expected[1], atol=1e-6)

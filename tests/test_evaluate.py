@@ -10,8 +10,6 @@ from bgminer.evaluate import (
     discovery_curve,
     draw_validation_sample,
     estimate_remaining,
-    found_so_far,
-    precision_at_k,
 )
 
 
@@ -30,17 +28,8 @@ def test_average_precision_without_positives_is_nan():
     assert math.isnan(average_precision([0, 0], [0.2, 0.1]))
 
 
-def test_precision_at_k_counts_positives_among_the_top_k():
-    assert precision_at_k([1, 0, 1, 0], [0.9, 0.8, 0.7, 0.1], k=2) == 0.5
-    assert precision_at_k([1, 0, 1, 0], [0.9, 0.8, 0.7, 0.1], k=3) == pytest.approx(2 / 3)
-
-
 def test_discovery_curve_counts_positives_found_after_each_review():
     assert discovery_curve([True, False, True, True]).tolist() == [1, 1, 2, 3]
-
-
-def test_found_so_far_counts_positive_labels():
-    assert found_so_far({1: "positive", 2: "negative", 5: "positive"}) == 2
 
 
 def scored_corpus(seed: int, n: int = 20_000, positives: int = 150) -> tuple[np.ndarray, np.ndarray]:

@@ -42,7 +42,7 @@ def test_features_match_the_backbone_on_the_same_pixels(project):
     bb = project.backbone
     x = Preprocess(bb.preprocess)(to_tensor_uint8(load_rgb(project.store.image(image_id)["path"], draft_size=256)))
     with torch.inference_mode():
-        expected = bb.trunk.forward_features(x[None])[0].numpy()
+        expected = bb.net.forward_features(x[None])[0].numpy()
     np.testing.assert_allclose(project.features.read("pooled", [image_id])[0], expected, atol=1e-4)
 
 

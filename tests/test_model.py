@@ -56,7 +56,7 @@ def test_last_stage_reproduces_pretrained_logits_at_step_0(backbone):
     model = build_model("last-stage", backbone, ["cat"])
     maps = random_maps(4)
     with torch.no_grad():
-        expected = backbone.trunk.classifier(backbone.trunk.head(maps))
+        expected = backbone.net.classifier(backbone.net.last_stage(maps))
         assert torch.allclose(model(maps)[1], expected, atol=1e-4)
 
 
@@ -64,7 +64,7 @@ def test_full_mode_reproduces_pretrained_logits_at_step_0(backbone):
     model = build_model("full", backbone, ["cat"])
     pixels = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
     with torch.no_grad():
-        assert torch.allclose(model(pixels)[1], backbone.trunk(pixels), atol=1e-4)
+        assert torch.allclose(model(pixels)[1], backbone.net(pixels), atol=1e-4)
 
 
 def test_batchnorm_statistics_stay_frozen_in_train_mode(backbone):
@@ -74,7 +74,7 @@ def test_batchnorm_statistics_stay_frozen_in_train_mode(backbone):
     maps = random_maps(4)
     with torch.no_grad():
         out = model(maps)[1]
-        expected = backbone.trunk.classifier(backbone.trunk.head(maps))
+        expected = backbone.net.classifier(backbone.net.last_stage(maps))
     assert model.training and not bn.training
     assert torch.equal(bn.running_mean, before)
     assert torch.allclose(out, expected, atol=1e-4)

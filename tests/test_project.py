@@ -9,8 +9,9 @@ from skimage import data
 
 from bgminer.cli import main as cli
 from bgminer.evaluate import average_precision
+from bgminer.loop import Miner
 from bgminer.progress import Cancelled, CancelToken
-from bgminer.project import Project
+from bgminer.project import CorpusCounts, Project
 from bgminer.train import TrainConfig
 
 BACKGROUND = ["astronaut", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "retina", "colorwheel", "logo"]
@@ -69,21 +70,8 @@ def test_a_round_of_training_ranks_the_rare_class_first(corpus, tmp_path):
     rest = ~np.isin(ids, cats[:3])
     y = np.array([is_cat[int(i)] for i in ids])[rest]
     assert average_precision(y, scores[rest]) > 0.8 > y.mean()
-    page = project.suggest("cat", n=5)
+    page = Miner(project, "cat", "tester").query(5)
     assert sum(is_cat[c.image_id] for c in page) >= 4
-
-
-def test_ranking_never_returns_labeled_or_skipped_images(corpus, tmp_path):
-    project, is_cat = _fresh(corpus, tmp_path)
-    ids = sorted(is_cat)
-    project.label("cat", [i for i in ids if is_cat[i]][:2], "positive")
-    project.label("cat", [i for i in ids if not is_cat[i]][:10], "negative", source="review")
-    project.train("cat")
-    labeled = set(project.store.labels("cat"))
-    skipped = ids[20:25]
-    for strategy in ("most-likely", "uncertain", "near-positives", "random", "mixed"):
-        shown = {c.image_id for c in project.suggest("cat", n=len(ids), strategy=strategy, exclude=skipped)}
-        assert shown and not shown & labeled and not shown & set(skipped), strategy
 
 
 def test_cancelled_training_leaves_the_previous_version_active(corpus, tmp_path):
@@ -139,8 +127,9 @@ def test_status_estimates_remaining_positives_once_the_sample_is_labeled(corpus,
     project.train("cat")
     status = project.status("cat")
     assert status["estimate"] is None and status["validation_labeled"].startswith("0/")
-    for c in project.suggest("cat", n=1000, strategy="validate"):
-        project.label("cat", [c.image_id], "positive" if is_cat[c.image_id] else "negative", source="review")
+    loop = Miner(project, "cat", "tester", "validate")
+    for c in loop.query(1000):
+        loop.decide(c.image_id, "positive" if is_cat[c.image_id] else "negative")
     est = project.status("cat")["estimate"]
     assert est is not None and est["remaining_low"] <= est["remaining"] <= est["remaining_high"]
 
@@ -169,3 +158,30 @@ def test_cli_info_reports_counts_as_one_json_object(corpus, capsys):
     assert cli(["info", str(project.root), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["images"] == info["embedded"] == 58 and info["rejected"] == 0
+
+
+def test_the_facade_reports_an_empty_project(tmp_path):
+    project = Project.create(tmp_path / "p")
+    assert project.corpus_counts() == CorpusCounts(images=0, embedded=0, rejected=0)
+    assert project.categories() == [] and project.label_counts() == {}
+    assert project.active_model() is None and project.models() == [] and project.jobs() == []
+    assert project.image_page(10) == [] and project.rejected_files() == []
+
+
+def test_categories_are_renamed_with_their_labels_through_the_facade(tmp_path):
+    project = Project.create(tmp_path / "p")
+    project.add_category("cat")
+    project.rename_category("cat", "tabby")
+    assert project.categories() == ["tabby"]
+    assert project.label_counts() == {"tabby": {"positive": 0, "negative": 0}}
+    assert project.labels("tabby") == {} and project.label_authors("tabby") == {}
+
+
+def test_the_auto_retrain_threshold_is_a_setting_of_the_project(tmp_path):
+    project = Project.create(tmp_path / "p")
+    assert project.auto_retrain_after == 0  # off until someone turns it on
+    project.auto_retrain_after = 20
+    assert Project(project.root).auto_retrain_after == 20  # kept in the store, seen by every process
+    with pytest.raises(ValueError, match="0 \\(off\\) or a positive number"):
+        project.auto_retrain_after = -1
+    assert project.auto_retrain_after == 20

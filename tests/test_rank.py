@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -14,6 +16,7 @@ from bgminer.rank import (
     RankContext,
     Strategy,
     Uncertain,
+    ValidationSample,
     make_strategy,
     suppress_near_duplicates,
 )
@@ -41,6 +44,7 @@ def context(embeddings: str = "array", **overrides) -> RankContext:
         "positive_ids": ids[[0, 8, 16]],  # cluster 0
         "negative_ids": ids[[1, 2, 3]],
         "reviewed_ids": ids[[24, 32, 40, 4, 5]],
+        "validation_ids": ids[::-3],  # the estimator's sample, excluded ids among it
         "seed": 3,
     }
     fields.update(overrides)
@@ -165,8 +169,16 @@ def test_a_page_holds_one_of_many_copies_of_a_picture(embeddings):
     assert np.isin(MostLikely(dedup_threshold=None).query(ctx, 10), copies).sum() == 6
 
 
+def test_validate_returns_the_samples_unlabeled_ids_in_draw_order_once_each():
+    ctx = context()
+    sample = ctx.ids[[7, 3, 0, 99, 24, 99, 1, 7, 6]]  # 0, 1, 3 labeled, 24 reviewed, 7 and 99 drawn twice
+    got = ValidationSample().query(replace(ctx, validation_ids=sample), 10)
+    assert got.tolist() == ctx.ids[[7, 99, 6]].tolist()
+    assert make_strategy("validate").uses_validation_sample and not make_strategy("most-likely").uses_validation_sample
+
+
 def test_registry_names_and_unknown_names():
-    assert set(STRATEGIES) == {"most-likely", "uncertain", "near-positives", "random", "mixed"}
+    assert set(STRATEGIES) == {"most-likely", "uncertain", "near-positives", "random", "mixed", "validate"}
     assert isinstance(make_strategy("mixed"), Mixture)
     assert isinstance(make_strategy("uncertain", pool_neighbors=50), CandidatePool)
     with pytest.raises(ValueError, match="unknown strategy"):

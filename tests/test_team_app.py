@@ -21,7 +21,7 @@ from test_app import APP, REPO, TIMEOUT, animal_ids, texts, wait_for_jobs
 
 from app_pages import common
 from app_pages.text import md_escape
-from bgminer.cli import DEMO_CATEGORY
+from bgminer.demo import DEMO_CATEGORY
 from bgminer.jobs import JobLimitError, JobRunner
 from bgminer.project import Project
 from bgminer.settings import Settings, local_user
@@ -288,7 +288,7 @@ def test_review_undo_takes_back_only_your_own_decision(shared, small_demo):
 # -- training caps and job limits ---------------------------------------------------------
 def test_a_non_admins_auto_retrain_stays_within_the_epoch_cap(shared_trained, monkeypatch):
     monkeypatch.setenv("BGMINER_USER_MAX_EPOCHS", "2")  # the default adapter round takes 4
-    shared_trained.store.set_meta(common.AUTO_RETRAIN_META, "1")
+    shared_trained.auto_retrain_after = 1
     bob = run_app(signed_in(BOB), "review")
     first = bob.session_state["review_queue"].items[0].image_id
     bob.button(key="review-negative").click().run()

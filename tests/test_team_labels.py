@@ -13,12 +13,12 @@ import pytest
 
 from bgminer.cli import main as cli
 from bgminer.corpus import thumbnail_path
-from bgminer.export import import_labels_csv, write_labels_csv, write_scores
 from bgminer.project import Project, ProjectError
+from bgminer.scoring import VersionWriter
 from bgminer.settings import local_user
 from bgminer.store import Store, StoreError, UndoConflict
+from bgminer.tables import import_labels_csv, write_labels_csv, write_scores
 from bgminer.train import TrainConfig
-from bgminer.versions import VersionWriter
 
 
 @pytest.fixture
@@ -60,11 +60,11 @@ def test_each_author_undoes_only_their_own_latest_decision(store):
 def test_undo_refuses_when_someone_else_changed_the_image_since(store):
     store.add_labels("cat", [(3, "positive")], author="alice")
     store.add_labels("cat", [(3, "negative")], author="bob@example.org")
-    events = store.label_event_count("cat")
+    history = store.label_history("cat")
     with pytest.raises(UndoConflict, match=r"bob@example.org changed #3 since; nothing undone") as caught:
         store.undo("cat", "alice")
     assert (caught.value.image_id, caught.value.changed_by) == (3, "bob@example.org")
-    assert store.labels("cat") == {3: "negative"} and store.label_event_count("cat") == events
+    assert store.labels("cat") == {3: "negative"} and store.label_history("cat") == history  # nothing was written
     store.undo("cat", "bob@example.org")  # bob takes his label back: alice's is current again
     assert store.labels("cat") == {3: "positive"}
     assert store.undo("cat", "alice").image_id == 3

@@ -9,7 +9,8 @@ import torch
 from bgminer.backbone import Backbone, load_backbone
 from bgminer.model import build_model
 from bgminer.progress import Cancelled, CancelToken
-from bgminer.train import TrainConfig, TrainingSet, build_training_set, score, train
+from bgminer.scoring import score
+from bgminer.train import TrainConfig, TrainingSet, build_training_set, train
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +63,7 @@ def test_training_set_holds_positives_negatives_and_sampled_background(corpus):
     config = TrainConfig(background_ratio=10, min_background=50)
     labels = {0: {1: "positive", 2: "positive", 500: "negative"}, 1: {3: "positive", 501: "negative"}}
     ts = build_training_set(corpus["features"], labels, corpus["ids"], corpus["logits"], config)
-    by_row = dict(zip(ts.row_ids.tolist(), ts.main_labels.tolist()))
+    by_row = dict(zip(ts.row_ids.tolist(), ts.main_labels.tolist(), strict=True))
     assert (by_row[1], by_row[2], by_row[3], by_row[500], by_row[501]) == (1, 1, 2, 0, 0)
     background = set(ts.row_ids.tolist()) - {1, 2, 3, 500, 501}
     assert len(background) == 50  # max(min_background, 10 x 3 positives)

@@ -12,25 +12,26 @@ Embedding (:func:`embed_on_ray`)::
 The driver holds the feature cache's lock for the whole run (other embeddings of the project,
 local or on Ray, wait for it). A run first merges shards that an earlier, interrupted run
 finished and deletes half-written ones, so a rerun redoes only unfinished blocks. Ray restarts
-crashed workers and actors and retries their blocks; a decode task that raises is retried ``max_retries`` times; an image that
-cannot be decoded is marked rejected, as in the in-process pipeline. A run that fails anyway
+crashed workers and actors and retries their blocks; a decode task that raises is retried
+``max_retries`` times; an image that cannot be decoded is marked rejected, as in the in-process pipeline. A run that fails anyway
 keeps every finished shard for the next one. Decoding runs in its own tasks, not fused into the
 model actors (the actors reserve memory, which keeps Ray Data from fusing the two stages), so it
 overlaps the forward pass. Workers read images and write shards by path: on a cluster, the
 project folder and the images must be on a filesystem every node mounts at the same path. With
 no address, Ray starts locally on this machine, so the same code runs (and is tested) on a laptop.
 
-Re-scoring (:func:`rescore_version`) runs a trained model over cached inputs (pooled features
-in adapter mode, stage maps in last-stage mode) chunk by chunk, in process or on Ray, and
-streams the embeddings into a memory-mapped version folder: memory stays bounded by a chunk.
+Re-scoring (:func:`score_chunks_on_ray`) runs a trained model over cached inputs (pooled features
+in adapter mode, stage maps in last-stage mode) chunk by chunk in an actor pool; it is the Ray
+engine of :func:`bgminer.scoring.rescore_version`, which streams the chunks into a memory-mapped
+version folder, so memory stays bounded by a chunk. The dependency runs one way: scoring imports
+this module (only for ``engine="ray"``) and hands it the scoring function.
 """
 
 from __future__ import annotations
 
-import copy
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,14 +40,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from .backbone import Backbone, Preprocess, PreprocessConfig, Trunk, load_backbone
-from .features import EmbedReport, FeatureCache, resolve_device
+from .backbone import Backbone, Preprocess, PreprocessConfig, load_backbone
+from .device import resolve_device
+from .feature_cache import FeatureCache
+from .features import EmbedReport, forward_backbone, load_pixels, net_on
 from .fsutil import atomic_path
-from .imageio import ImageRejected, load_rgb, to_tensor_uint8
+from .imageio import ImageRejected
 from .progress import CancelToken, ProgressFn, RateMeter, check, report
 from .shards import finished_shards, merge_shard, remove_partials, shard_dir, write_shard
 from .store import Store
-from .versions import VersionScores, VersionWriter, read_version
+
+# (model, inputs, row ids, device=...) -> (embeddings, scores): bgminer.scoring.score, handed in by its caller
+ScoreFn = Callable[..., tuple[np.ndarray, np.ndarray]]
 
 
 @dataclass
@@ -114,19 +119,6 @@ def _data_context(config: RayConfig) -> Iterator[None]:
         ctx.enable_progress_bars, ctx.retried_map_errors, ctx.max_map_retries = saved
 
 
-def forward_backbone(trunk: Trunk, pixels: torch.Tensor, device: torch.device, with_maps: bool) -> dict[str, np.ndarray]:
-    """Cache arrays for a batch of preprocessed pixels: pooled (float32), logits and maps (float16)."""
-    x = pixels.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
-        maps = trunk.stem(x)
-        pooled = trunk.head(maps)
-        logits = trunk.classifier(pooled)
-    out = {"pooled": pooled.float().cpu().numpy(), "logits": logits.float().cpu().numpy().astype(np.float16)}
-    if with_maps:
-        out["maps"] = maps.float().cpu().numpy().astype(np.float16)
-    return out
-
-
 def _decode_block(batch: dict[str, np.ndarray], preprocess: PreprocessConfig) -> dict[str, np.ndarray]:
     """Ray Data task: file paths -> preprocessed float pixels, with a reason for each image that failed."""
     transform = Preprocess(preprocess)
@@ -134,25 +126,25 @@ def _decode_block(batch: dict[str, np.ndarray], preprocess: PreprocessConfig) ->
     pixels = np.zeros((len(ids), 3, preprocess.crop, preprocess.crop), np.float32)
     reason, detail = np.full(len(ids), "", dtype=object), np.full(len(ids), "", dtype=object)
     for row, path in enumerate(paths):
-        try:
-            pixels[row] = transform(to_tensor_uint8(load_rgb(str(path), draft_size=preprocess.resize))).numpy()
-        except ImageRejected as exc:
-            reason[row], detail[row] = exc.reason, exc.detail
-        except OSError as exc:
-            reason[row], detail[row] = "unreadable", str(exc)
+        x = load_pixels(str(path), transform, preprocess.resize)
+        if isinstance(x, ImageRejected):
+            reason[row], detail[row] = x.reason, x.detail
+        else:
+            pixels[row] = x.numpy()
     return {"id": ids, "pixels": pixels, "reason": reason.astype(str), "detail": detail.astype(str)}
 
 
 class _EmbedActor:
     """Ray Data actor: holds the backbone; each call embeds one block and writes it as one shard."""
 
-    def __init__(self, backbone: str, weights: str | None, folder: str, with_maps: bool, batch_size: int, device: str, threads: int | None):
+    def __init__(
+        self, backbone: str, weights: str | None, folder: str, with_maps: bool, batch_size: int, device: str, threads: int | None
+    ):
         dev = resolve_device(device)
         if dev.type == "cpu":
             torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
         bb = load_backbone(backbone, weights)
-        trunk = bb.trunk if dev.type == "cpu" else copy.deepcopy(bb.trunk).to(dev)
-        self.trunk = trunk.to(memory_format=torch.channels_last).eval()
+        self.net = net_on(bb.net, dev)
         self.device, self.folder, self.with_maps, self.batch_size = dev, Path(folder), with_maps, batch_size
         self.weights_sha256 = bb.weights_sha256
 
@@ -160,10 +152,14 @@ class _EmbedActor:
         ok = batch["reason"] == ""
         ids = batch["id"][ok].astype(np.int64)
         pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"][ok]))
-        parts = [forward_backbone(self.trunk, pixels[s : s + self.batch_size], self.device, self.with_maps) for s in range(0, len(ids), self.batch_size)]
+        parts = [
+            forward_backbone(self.net, pixels[s : s + self.batch_size], self.device, self.with_maps)
+            for s in range(0, len(ids), self.batch_size)
+        ]
         names = ["pooled", "logits", *(["maps"] if self.with_maps else [])]
         arrays = {n: np.concatenate([p[n] for p in parts]) if parts else np.zeros((0,)) for n in names}
-        rejected = [(int(i), str(r), str(d)) for i, r, d in zip(batch["id"][~ok], batch["reason"][~ok], batch["detail"][~ok])]
+        failed = zip(batch["id"][~ok], batch["reason"][~ok], batch["detail"][~ok], strict=True)
+        rejected = [(int(i), str(r), str(d)) for i, r, d in failed]
         path = write_shard(self.folder, ids, arrays, rejected, self.weights_sha256)
         return {"shard": np.array([path.name]), "images": np.array([len(ids) + len(rejected)])}
 
@@ -258,7 +254,13 @@ def _embed_dataset(
     blocks = [table.slice(s, config.shard_rows) for s in range(0, len(items), config.shard_rows)]
     return (
         ray.data.from_arrow(blocks)
-        .map_batches(_decode_block, batch_size=config.decode_rows, batch_format="numpy", fn_kwargs={"preprocess": bb.preprocess}, num_cpus=1)
+        .map_batches(
+            _decode_block,
+            batch_size=config.decode_rows,
+            batch_format="numpy",
+            fn_kwargs={"preprocess": bb.preprocess},
+            num_cpus=1,
+        )
         .map_batches(
             _EmbedActor,
             batch_size=config.shard_rows,
@@ -284,28 +286,40 @@ class _RescoreActor:
     """Ray Data actor: holds a trained model; each call scores one chunk of rows of a cached-input file
     and writes the result beside the version being written (results stay out of the object store)."""
 
-    def __init__(self, model: Any, inputs_path: str, out_dir: str, device: str, threads: int | None):
+    def __init__(self, score: ScoreFn, model: Any, inputs_path: str, out_dir: str, device: str, threads: int | None):
         dev = resolve_device(device)
         if dev.type == "cpu":
             torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
-        self.model, self.device, self.out_dir = model, device, Path(out_dir)
+        self.score, self.model, self.device, self.out_dir = score, model, device, Path(out_dir)
         self.inputs = np.load(inputs_path, mmap_mode="r")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from .train import score
-
         start = int(batch["start"][0])
-        embeddings, scores = score(self.model, self.inputs, batch["rows"][0], device=self.device)
+        embeddings, scores = self.score(self.model, self.inputs, batch["rows"][0], device=self.device)
         final = self.out_dir / f"chunk-{start:012d}.npz"
         with atomic_path(final, fsync=False) as tmp, open(tmp, "wb") as f:  # scratch, read once by the driver: no fsync
             np.savez(f, embeddings=embeddings.astype(np.float16), scores=scores)
         return {"start": batch["start"], "file": np.array([final.name])}
 
 
-def _chunks_on_ray(model: Any, inputs: np.ndarray, ids: np.ndarray, chunk_rows: int, out_dir: Path, config: RayConfig, cancel: CancelToken | None):
-    """(start, embeddings, scores) per chunk of ``ids``, computed by a Ray actor pool, in completion order."""
+def score_chunks_on_ray(
+    score: ScoreFn,
+    model: Any,
+    inputs: np.ndarray,
+    ids: np.ndarray,
+    chunk_rows: int,
+    out_dir: Path,
+    config: RayConfig | None = None,
+    cancel: CancelToken | None = None,
+) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """(start, embeddings, scores) per chunk of ``ids``, computed by ``score`` in a Ray actor pool, in completion order.
+
+    ``inputs`` must be a memory-mapped ``.npy`` array (workers reopen it by path); each chunk's result
+    passes through a scratch file in ``out_dir``, deleted once read.
+    """
     from ray.data import ActorPoolStrategy
 
+    config = config or RayConfig()
     if not isinstance(inputs, np.memmap) or inputs.filename is None:
         raise ValueError("re-scoring on Ray reads cached inputs from their .npy file: pass the memory-mapped array")
     with ray_session(config.address) as ray, _data_context(config):
@@ -317,6 +331,7 @@ def _chunks_on_ray(model: Any, inputs: np.ndarray, ids: np.ndarray, chunk_rows: 
             batch_format="numpy",
             compute=ActorPoolStrategy(size=workers),
             fn_constructor_kwargs={
+                "score": score,
                 "model": model,
                 "inputs_path": str(inputs.filename),
                 "out_dir": str(out_dir),
@@ -333,54 +348,3 @@ def _chunks_on_ray(model: Any, inputs: np.ndarray, ids: np.ndarray, chunk_rows: 
                 yield int(row["start"]), z["embeddings"], z["scores"]
             path.unlink()
 
-
-def _chunks_local(model: Any, inputs: Any, ids: np.ndarray, chunk_rows: int, device: str, cancel: CancelToken | None):
-    from .train import score
-
-    for start in range(0, len(ids), chunk_rows):
-        check(cancel)
-        embeddings, scores = score(model, inputs, ids[start : start + chunk_rows], device=device, cancel=cancel)
-        yield start, embeddings, scores
-
-
-def rescore_version(
-    model: Any,
-    inputs: Any,
-    ids: np.ndarray,
-    scores_dir: Path,
-    model_id: int,
-    engine: str = "local",
-    ray_config: RayConfig | None = None,
-    chunk_rows: int = 65_536,
-    device: str = "auto",
-    progress: ProgressFn | None = None,
-    cancel: CancelToken | None = None,
-) -> VersionScores:
-    """Score ``ids`` with a trained ``model`` and write version ``model_id``'s scores and embeddings.
-
-    ``inputs`` is what the model eats, indexed by image id (the cache's pooled features in adapter
-    mode, stage maps in last-stage mode; for ``engine="ray"`` the memory-mapped array itself, which
-    workers reopen by path). Chunks of ``chunk_rows`` rows are scored in process (``engine="local"``)
-    or by a Ray actor pool and streamed into a memory-mapped version folder (the layout of
-    :mod:`bgminer.versions`), which becomes the version's current generation only when complete:
-    readers see the old scores until then, never none.
-    """
-    if engine not in ("local", "ray"):
-        raise ValueError(f"unknown engine {engine!r}; use 'local' or 'ray'")
-    writer = VersionWriter(scores_dir, model_id, ids, model.embedding_dim, len(model.categories))
-    ids = writer.ids
-    if engine == "ray":
-        chunks = _chunks_on_ray(model, inputs, ids, chunk_rows, writer.folder, ray_config or RayConfig(), cancel)
-    else:
-        chunks = _chunks_local(model, inputs, ids, chunk_rows, device, cancel)
-    done = 0
-    try:
-        for start, chunk_embeddings, chunk_scores in chunks:
-            writer.write(start, chunk_embeddings, chunk_scores)
-            done += len(chunk_scores)
-            report(progress, done, len(ids), "scoring")
-        writer.commit()
-    except BaseException:
-        writer.abort()
-        raise
-    return read_version(scores_dir, model_id, list(model.categories))

@@ -1,7 +1,12 @@
-"""Per-model-version artifacts on disk: which images were scored, their per-category
-scores and their trunk embeddings (the vectors the FAISS index is built from).
+"""Scoring the corpus with a trained model, and the per-version folders the scores live in.
 
-Layout of ``scores/``::
+:func:`score` runs a model over its inputs (:data:`bgminer.features.Inputs`) in bounded chunks.
+:func:`rescore_version` streams a whole corpus into a version folder, in process
+(``engine="local"``) or on a Ray actor pool (``engine="ray"``, :mod:`bgminer.ray_engine`, imported
+only then).
+
+Each version folder holds which images were scored, their per-category scores and their trunk
+embeddings (the vectors the search index is built from). Layout of ``scores/``::
 
     v0007.g3/{ids,scores,embeddings}.npy    version 7, generation 3: its current scores
     .v0007.<pid>-<thread>-<nonce>.tmp/      a writer's folder until it commits
@@ -15,17 +20,134 @@ which the version has no scores: they see the old generation or the whole new on
 
 from __future__ import annotations
 
+import copy
 import errno
 import operator
 import os
 import re
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
 
+from .device import autocast, resolve_device, to_device
+from .features import Inputs, inputs_ahead
 from .fsutil import ensure_free, fsync_dir, temp_name
+from .model import BackgroundSplittingModel
+from .modes import get_mode
+from .progress import CancelToken, ProgressFn, check, report
+
+if TYPE_CHECKING:
+    from .ray_engine import RayConfig
+
+ENGINES = ("local", "ray")
+
+
+def score(
+    model: BackgroundSplittingModel,
+    inputs: Inputs,
+    row_ids: np.ndarray,
+    batch_size: int | None = None,
+    device: str = "auto",
+    progress: ProgressFn | None = None,
+    cancel: CancelToken | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Embeddings ``float32 [N, D]`` and category probabilities ``float32 [N, K]`` for ``row_ids``, in chunks.
+
+    ``batch_size`` None takes the mode's chunk size (:attr:`bgminer.modes.ModeSpec.score_batch`).
+    """
+    dev = resolve_device(device)
+    spec = get_mode(model.mode)
+    batch_size = batch_size or spec.score_batch
+    row_ids = np.asarray(row_ids, dtype=np.int64)
+    net = model
+    if next(model.parameters()).device != dev:
+        net = copy.deepcopy(model).to(dev)
+    if dev.type == "cuda" and spec.spatial_input:
+        net = net.to(memory_format=torch.channels_last)
+    was_training = net.training
+    net.eval()
+    embeddings = np.empty((len(row_ids), model.embedding_dim), dtype=np.float32)
+    scores = np.empty((len(row_ids), len(model.categories)), dtype=np.float32)
+    try:
+        with torch.inference_mode():
+            id_batches = [row_ids[begin : begin + batch_size] for begin in range(0, len(row_ids), batch_size)]
+            begin = 0
+            for x in inputs_ahead(inputs, id_batches, False, dev.type == "cuda"):
+                check(cancel)
+                x = to_device(x, dev)
+                n = len(x)
+                with autocast(dev):
+                    h = net.embed(x)
+                embeddings[begin : begin + n] = h.float().cpu().numpy()
+                scores[begin : begin + n] = net.probabilities(h.float()).cpu().numpy()
+                begin += n
+                report(progress, begin, len(row_ids), "scoring")
+    finally:
+        net.train(was_training)
+    return embeddings, scores
+
+
+def _chunks_local(
+    model: BackgroundSplittingModel, inputs: Inputs, ids: np.ndarray, chunk_rows: int, device: str, cancel: CancelToken | None
+) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """(start, embeddings, scores) per chunk of ``ids``, scored in this process."""
+    for start in range(0, len(ids), chunk_rows):
+        check(cancel)
+        embeddings, scores = score(model, inputs, ids[start : start + chunk_rows], device=device, cancel=cancel)
+        yield start, embeddings, scores
+
+
+def rescore_version(
+    model: BackgroundSplittingModel,
+    inputs: Inputs,
+    ids: np.ndarray,
+    scores_dir: Path,
+    model_id: int,
+    engine: str = "local",
+    ray_config: RayConfig | None = None,
+    chunk_rows: int = 65_536,
+    device: str = "auto",
+    progress: ProgressFn | None = None,
+    cancel: CancelToken | None = None,
+) -> VersionScores:
+    """Score ``ids`` with a trained ``model`` and write version ``model_id``'s scores and embeddings.
+
+    ``inputs`` is what the model eats, indexed by image id (the cache's pooled features in adapter
+    mode, stage maps in last-stage mode; for ``engine="ray"`` the memory-mapped array itself, which
+    workers reopen by path). Chunks of ``chunk_rows`` rows are scored in process (``engine="local"``)
+    or by a Ray actor pool and streamed into a memory-mapped version folder (:class:`VersionWriter`),
+    which becomes the version's current generation only when complete: readers see the old scores
+    until then, never none.
+    """
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; use 'local' or 'ray'")
+    writer = VersionWriter(scores_dir, model_id, ids, model.embedding_dim, len(model.categories))
+    ids = writer.ids
+    if engine == "ray":
+        from .ray_engine import score_chunks_on_ray
+
+        chunks = score_chunks_on_ray(score, model, inputs, ids, chunk_rows, writer.folder, ray_config, cancel)
+    else:
+        chunks = _chunks_local(model, inputs, ids, chunk_rows, device, cancel)
+    done = 0
+    try:
+        for start, chunk_embeddings, chunk_scores in chunks:
+            writer.write(start, chunk_embeddings, chunk_scores)
+            done += len(chunk_scores)
+            report(progress, done, len(ids), "scoring")
+        writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+    return read_version(scores_dir, model_id, list(model.categories))
+
+
+# -- version folders -----------------------------------------------------------------------------
 
 FILES = ("ids.npy", "scores.npy", "embeddings.npy")
 
@@ -36,7 +158,8 @@ class VersionScores:
     scores: np.ndarray  # float32 [N, K]
     categories: list[str]
     embeddings_path: Path
-    embeddings_map: np.ndarray | None = field(default=None, repr=False)  # opened with the rest, so a newer generation cannot pull it away
+    # Opened with the rest, so a newer generation cannot pull it away.
+    embeddings_map: np.ndarray | None = field(default=None, repr=False)
 
     def embeddings(self) -> np.ndarray:
         return self.embeddings_map if self.embeddings_map is not None else np.load(self.embeddings_path, mmap_mode="r")
@@ -59,7 +182,8 @@ def generations(scores_dir: Path, model_id: int) -> list[tuple[int, Path]]:
         names = os.listdir(scores_dir)
     except FileNotFoundError:
         return []
-    # By name alone: a stat here could miss a generation deleted a moment after the listing, while its successor came too late to be listed.
+    # By name alone: a stat here could miss a generation deleted a moment after the listing, while its
+    # successor came too late to be listed.
     return sorted((int(m.group(1) or 0), Path(scores_dir) / n) for n in names if (m := pattern.fullmatch(n)))
 
 
@@ -87,7 +211,9 @@ class VersionWriter:
         self.folder.mkdir()
         np.save(self.folder / "ids.npy", self.ids)
         open_memmap = np.lib.format.open_memmap
-        self._embeddings = open_memmap(self.folder / "embeddings.npy", mode="w+", dtype=np.float16, shape=(len(self.ids), embedding_dim))
+        self._embeddings = open_memmap(
+            self.folder / "embeddings.npy", mode="w+", dtype=np.float16, shape=(len(self.ids), embedding_dim)
+        )
         self._scores = open_memmap(self.folder / "scores.npy", mode="w+", dtype=np.float32, shape=(len(self.ids), n_categories))
 
     def write(self, start: int, embeddings: np.ndarray, scores: np.ndarray) -> None:
