@@ -24,8 +24,10 @@ from bgminer.jobs import JobRunner
 from bgminer.loop import Decision, Miner
 from bgminer.progress import CancelToken, ProgressFn
 from bgminer.project import Project, ProjectError
+from bgminer.records import JobRecord, LabelEvent
+from bgminer.schema import StoreError
+from bgminer.search import Candidate
 from bgminer.settings import Settings, SettingsError, clean_identity, load_settings, local_user
-from bgminer.store import JobRecord, LabelEvent, StoreError
 from bgminer.train import TrainConfig
 
 DEMO_SLUG = "demo"
@@ -43,6 +45,7 @@ STATE_KEYS = (PROJECT_ROOT, CATEGORY)
 LABEL_ICONS = {"positive": ":material/thumb_up:", "negative": ":material/thumb_down:"}
 BAD_INPUT = (ProjectError, StoreError, SettingsError, ValueError, OSError)
 IMAGE_TYPES = sorted(suffix[1:] for suffix in IMAGE_SUFFIXES)  # what file uploaders accept: every image suffix
+VALUE_NAMES = {"score": "score", "similarity": "similarity", "class_probability": "p(class)"}  # Candidate.kind as shown
 
 
 # -- settings + people --------------------------------------------------------------------
@@ -275,6 +278,13 @@ def format_seconds(seconds: float) -> str:
 
 
 # -- thumbnails ---------------------------------------------------------------------------
+def value_text(candidate: Candidate, digits: int = 2) -> str:
+    """What put ``candidate`` on screen, named: "score 0.93", "similarity 0.81", "p(class) 0.40"; "" when nothing did."""
+    if candidate.value is None or candidate.kind is None:
+        return ""
+    return f"{VALUE_NAMES[candidate.kind]} {candidate.value:.{digits}f}"
+
+
 def thumbnail_card(
     project: Project,
     category: str | None,

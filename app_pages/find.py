@@ -152,7 +152,7 @@ else:
         candidates = [c for c in project.search_like(image_id=like, n=RESULTS + 1) if c.image_id != like][:RESULTS]
 
 if candidates:
-    items = [(c.image_id, f"#{c.image_id}" + ("" if c.score is None else f" · {c.score:.2f}")) for c in candidates]
+    items = [(c.image_id, " · ".join(part for part in (f"#{c.image_id}", common.value_text(c)) if part)) for c in candidates]
     common.thumbnail_grid(project, category, items, key="find", columns=COLUMNS, on_more_like_this=more_like_this)
 elif mode == "browse":
     st.info("No more images on this page; go back a page or shuffle.")

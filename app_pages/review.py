@@ -143,9 +143,9 @@ def undo() -> None:
     notify(f"Undid {event.value} on #{event.image_id}.")
     q = st.session_state.get(QUEUE)
     if q is not None and all(c.image_id != event.image_id for c in q.items):
-        from bgminer.project import Candidate
+        from bgminer.search import Candidate
 
-        q.items.insert(0, Candidate(event.image_id, project.image_path(event.image_id), None))
+        q.items.insert(0, Candidate(event.image_id, project.image_path(event.image_id)))
 
 
 def save_grid(image_ids: list[int]) -> None:
@@ -160,10 +160,6 @@ def save_grid(image_ids: list[int]) -> None:
         st.session_state.pop(f"review-grid-{i}", None)
 
 
-def score_text(score: float | None) -> str:
-    return "" if score is None else f"score {score:.3f}"
-
-
 st.header(f"Review · {md_escape(category)}", anchor=False)
 for notice in st.session_state.pop(NOTICES, []):  # before any early stop: undoing the last seed still says so
     st.toast(notice)
@@ -175,13 +171,18 @@ if model is None and counts["positive"] == 0:
     st.page_link(common.PAGES["find"], label="Go to Find", icon=":material/arrow_forward:")
     st.stop()
 if model is None:
-    st.info("No model yet: candidates are the images nearest to your seeds. Train one for a real ranking.", icon=":material/model_training:")
+    st.info(
+        "No model yet: candidates are the images nearest to your seeds. Train one for a real ranking.",
+        icon=":material/model_training:",
+    )
 
 options = list(STRATEGIES) if model is not None else [s for s in STRATEGIES if s not in NEEDS_MODEL]
 if st.session_state.get(STRATEGY) not in options:
     st.session_state[STRATEGY] = options[0]
 top = st.columns([3, 1], vertical_alignment="bottom")
-strategy = top[0].segmented_control("Strategy", options, format_func=lambda s: STRATEGY_NAMES.get(s, s), key=STRATEGY, required=True)
+strategy = top[0].segmented_control(
+    "Strategy", options, format_func=lambda s: STRATEGY_NAMES.get(s, s), key=STRATEGY, required=True
+)
 view = top[1].segmented_control("View", ["one", "grid"], format_func=str.title, key=VIEW, default="one", required=True)
 
 main, side = st.columns([3, 1], gap="large")
@@ -217,7 +218,10 @@ with main:
         st.warning(md_escape(exc))
         st.stop()
     if not q.items:
-        st.success("The queue is empty: every candidate of this strategy is labeled. Retrain or pick another strategy.", icon=":material/done_all:")
+        st.success(
+            "The queue is empty: every candidate of this strategy is labeled. Retrain or pick another strategy.",
+            icon=":material/done_all:",
+        )
         st.button("Undo last", icon=":material/undo:", on_click=undo, shortcut="Backspace", key="review-undo-empty")
         st.stop()
 
@@ -229,7 +233,8 @@ with main:
                 st.error(f"#{head.image_id} can no longer be read from {code(head.path)}; skip it.")
             else:
                 st.image(image, width="content")
-            st.caption(" · ".join(part for part in (f"#{head.image_id}", score_text(head.score), f"{len(q.items)} in queue", code(head.path)) if part))
+            parts = (f"#{head.image_id}", common.value_text(head, 3), f"{len(q.items)} in queue", code(head.path))
+            st.caption(" · ".join(part for part in parts if part))
         actions = {
             "positive": ("Positive", ":material/thumb_up:", "primary", decide, (head.image_id, "positive")),
             "negative": ("Negative", ":material/thumb_down:", "secondary", decide, (head.image_id, "negative")),
@@ -240,7 +245,7 @@ with main:
             for name, (label, icon, kind, fn, args) in actions.items():
                 st.button(label, icon=icon, type=kind, on_click=fn, args=args, shortcut=KEYS[name][0], key=f"review-{name}")
         with st.container(key="review-alt-keys"):
-            for name, (label, icon, kind, fn, args) in actions.items():
+            for name, (label, _icon, _kind, fn, args) in actions.items():
                 st.button(label, on_click=fn, args=args, shortcut=KEYS[name][1], key=f"review-{name}-alt")
         st.caption("Keys: **A**/**Y** positive · **X**/**N** negative · **Space**/**S** skip · **Backspace**/**U** undo")
         upcoming = q.items[1 : STRIP + 1]
@@ -248,8 +253,8 @@ with main:
             st.caption("Next up")
             with st.container(key="strip-review"):
                 strip = st.columns(STRIP)
-            for cell, c in zip(strip, upcoming):
-                cell.image(str(project.thumbnail(c.image_id)), caption=score_text(c.score) or f"#{c.image_id}", width="stretch")
+            for cell, c in zip(strip, upcoming, strict=False):  # fewer items than columns at the end
+                cell.image(str(project.thumbnail(c.image_id)), caption=common.value_text(c) or f"#{c.image_id}", width="stretch")
     else:
         batch = q.items[:GRID]
         ids = [c.image_id for c in batch]
@@ -257,11 +262,11 @@ with main:
         with st.form("review-grid", border=False), st.container(key="grid-review"):
             for start in range(0, len(batch), 6):
                 cells = st.columns(6)
-                for cell, c in zip(cells, batch[start : start + 6]):
+                for cell, c in zip(cells, batch[start : start + 6], strict=False):
                     with cell, st.container(border=True, key=f"card-review-{c.image_id}"):
                         st.image(str(project.thumbnail(c.image_id)), width="stretch")
-                        score = "" if c.score is None else f" · {c.score:.2f}"
-                        st.checkbox(f"#{c.image_id}{score}", key=f"review-grid-{c.image_id}")
+                        value = common.value_text(c)
+                        st.checkbox(f"#{c.image_id}" + (f" · {value}" if value else ""), key=f"review-grid-{c.image_id}")
             st.form_submit_button(
                 f"Save {len(batch)}: ticked positive, others negative",
                 icon=":material/done_all:",

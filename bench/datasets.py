@@ -198,12 +198,12 @@ def large_jpegs(items: list[ClipArt], out_dir: Path, n: int, long_side: int = 10
     jobs = [(item.path, out_dir / f"{item.sha256[:24]}_{long_side}.jpg", long_side) for item in items[:n]]
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
-            sizes = list(pool.map(_write_jpeg, *zip(*jobs), chunksize=16))
+            sizes = list(pool.map(_write_jpeg, *zip(*jobs, strict=True), chunksize=16))
     else:
         sizes = [_write_jpeg(*job) for job in jobs]
     return [
         ClipArt(target, item.category, hashlib.sha256(target.read_bytes()).hexdigest(), *size)
-        for item, (_, target, _), size in zip(items, jobs, sizes)
+        for item, (_, target, _), size in zip(items, jobs, sizes, strict=True)
     ]
 
 

@@ -126,7 +126,16 @@ def main(argv: list[str] | None = None) -> None:
         ceil = ceiling(paths, args.batch_size)
         pipe = pipeline(paths, args.batch_size)
         base = naive(paths[: max(50, len(paths) // 5)])
-        rows.append({"images": name, "n": len(paths), "pipeline_ips": pipe, "ceiling_ips": ceil, "naive_ips": base, "pipeline_over_ceiling": pipe / ceil})
+        rows.append(
+            {
+                "images": name,
+                "n": len(paths),
+                "pipeline_ips": pipe,
+                "ceiling_ips": ceil,
+                "naive_ips": base,
+                "pipeline_over_ceiling": pipe / ceil,
+            }
+        )
     result = {"benchmark": "embed", "threads": torch.get_num_threads(), "batch_size": args.batch_size, "results": rows}
     if args.rss_images:
         result["peak_rss_mb"] = {"images": args.rss_images, "mb": peak_rss_mb(args.rss_images, args.batch_size)}
@@ -136,7 +145,10 @@ def main(argv: list[str] | None = None) -> None:
         return
     print(f"{'images':<12} {'n':>5} {'pipeline img/s':>15} {'ceiling img/s':>14} {'naive img/s':>12} {'pipe/ceil':>10}")
     for r in rows:
-        print(f"{r['images']:<12} {r['n']:>5} {r['pipeline_ips']:>15.1f} {r['ceiling_ips']:>14.1f} {r['naive_ips']:>12.1f} {r['pipeline_over_ceiling']:>10.2f}")
+        print(
+            f"{r['images']:<12} {r['n']:>5} {r['pipeline_ips']:>15.1f} {r['ceiling_ips']:>14.1f} "
+            f"{r['naive_ips']:>12.1f} {r['pipeline_over_ceiling']:>10.2f}"
+        )
     if args.rss_images:
         print(f"peak RSS embedding {args.rss_images} images: {result['peak_rss_mb']['mb']:.0f} MB")
 

@@ -52,6 +52,7 @@ def main() -> None:
     def reset_peak() -> None:
         if cuda:
             torch.cuda.reset_peak_memory_stats()
+
     with open(DEMO / "labels.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     paths = [str(DEMO / r["path"]) for r in rows]
@@ -72,15 +73,17 @@ def main() -> None:
         embed_images(store, cache, bb, ids=list(range(1, 65)), batch_size=64, device=dev, decode_threads=16)  # warm-up
         reset_peak()
         rep = embed_images(store, cache, bb, batch_size=args.batch_size, device=dev, decode_threads=16)
-        out["embed"] = {"images": rep.embedded, "images_per_second": rep.images_per_second,
-                        "peak_gpu_mb": peak_mb()}
+        out["embed"] = {"images": rep.embedded, "images_per_second": rep.images_per_second, "peak_gpu_mb": peak_mb()}
 
         ids = np.arange(1, len(paths) + 1)  # the first copy of the corpus
         rng = np.random.default_rng(0)
         seeds = rng.choice(ids[rare], 5, replace=False)
         labels = {0: {int(i): "positive" for i in seeds}}
         logits = cache.open("logits")
-        for mode, inputs, epochs in (("full", PixelLoader(store, bb, threads=16), args.epochs), ("last-stage", cache.open("maps"), args.epochs * 4)):
+        for mode, inputs, epochs in (
+            ("full", PixelLoader(store, bb, threads=16), args.epochs),
+            ("last-stage", cache.open("maps"), args.epochs * 4),
+        ):
             config = TrainConfig(mode=mode, epochs=epochs, device=dev, background_ratio=40)
             training_set = build_training_set(inputs, labels, ids, logits, config)
             model = build_model(mode, bb, ["animals"])
@@ -91,7 +94,8 @@ def main() -> None:
             score_s = time.perf_counter() - t0
             test = ~np.isin(ids, seeds)
             out[f"train_{mode}"] = {
-                "samples": result.samples, "seconds": result.seconds,
+                "samples": result.samples,
+                "seconds": result.seconds,
                 "train_images_per_second": result.samples / result.seconds,
                 "score_images_per_second": len(ids) / score_s,
                 "peak_gpu_mb": peak_mb(),

@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--exact-queries", type=int, default=20, help="queries timed on an exact index too (sizes <= 200k)")
     parser.add_argument("--reduce-dim", type=int, default=IVFConfig.reduce_dim, help="PCA dimensions of the IVF probe stage")
     parser.add_argument("--nlist", type=int, default=None, help="IVF lists (default: the index's rule)")
-    parser.add_argument("--rerank", type=int, default=IVFConfig.rerank_candidates, help="candidates re-scored exactly")
+    parser.add_argument("--rerank", type=int, default=IVFConfig.rerank_candidates, help="candidates re-ranked exactly")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = parser.parse_args(argv)
@@ -195,9 +195,9 @@ def main(argv: list[str] | None = None) -> None:
     cols = list(asdict(results[0]).keys())
     rows = [[str(v) for v in asdict(r).values()] for r in results]
     widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(cols)]
-    print("  ".join(c.rjust(w) for c, w in zip(cols, widths)))
+    print("  ".join(c.rjust(w) for c, w in zip(cols, widths, strict=True)))
     for row in rows:
-        print("  ".join(v.rjust(w) for v, w in zip(row, widths)))
+        print("  ".join(v.rjust(w) for v, w in zip(row, widths, strict=True)))
 
 
 if __name__ == "__main__":

@@ -46,7 +46,9 @@ def real_features(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndar
     return pooled[:n], logits[:n], rare[:n]
 
 
-def synthetic_features(n: int, rng: np.random.Generator, classifier: torch.nn.Linear) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def synthetic_features(
+    n: int, rng: np.random.Generator, classifier: torch.nn.Linear
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     centers = rng.gamma(1.0, 0.4, size=(64, 1280)).astype(np.float32)
     cluster = rng.integers(0, 64, n)
     pooled = centers[cluster] + rng.gamma(1.0, 0.1, size=(n, 1280)).astype(np.float32)
@@ -113,7 +115,10 @@ def main(argv: list[str] | None = None) -> None:
         return
     print(f"{'images':>8} {'features':<24} {'train+score+index s':>20} {'first page s':>13} {'round s':>8} {'pos in page':>12}")
     for r in results:
-        print(f"{r['images']:>8} {r['features']:<24} {r['train_score_index_s']:>20.2f} {r['first_page_s']:>13.3f} {r['round_s']:>8.2f} {r['positives_in_first_page']:>12}")
+        print(
+            f"{r['images']:>8} {r['features']:<24} {r['train_score_index_s']:>20.2f} {r['first_page_s']:>13.3f} "
+            f"{r['round_s']:>8.2f} {r['positives_in_first_page']:>12}"
+        )
 
 
 if __name__ == "__main__":

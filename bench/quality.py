@@ -14,10 +14,10 @@ the engine level on cached features (pooled 1280-d, ImageNet logits, last-stage 
   10), rounds of train -> rank -> an oracle labels the top 20 -> repeat, 15 rounds (300
   reviews), on the training split. The loop is the product's :class:`bgminer.loop.Miner`
   (query, decide, retrain_if_due with a threshold of 20 labels) over a real store;
-  :class:`BenchProject` supplies the cached features and runs each round's learner. Positives found after 100/200/300 reviews per strategy
-  (background-splitting model, default config: adapter rounds start afresh), for random review,
-  for a logistic-regression loop (most-likely on an LR probe) and a kNN loop (near-positives
-  on pretrained features, no training).
+  :class:`BenchProject` supplies the cached features and runs each round's learner. Positives
+  found after 100/200/300 reviews per strategy (background-splitting model, default config:
+  adapter rounds start afresh), for random review, for a logistic-regression loop (most-likely
+  on an LR probe) and a kNN loop (near-positives on pretrained features, no training).
 - Estimator check: at 100 and 200 reviews of the default loop, draw the validation sample
   (``evaluate.draw_validation_sample`` on the current model's scores of the unreviewed
   training images), label it with the oracle, ``estimate_remaining``, and count how often the
@@ -251,7 +251,7 @@ def protocol_a(
         probe = logistic_probe(data.pooled[split.train], y_train)
         if "lr" in methods:
             rows["lr"] = probe(data.pooled[split.test])
-        labels = {int(r): ("positive" if p else "negative") for r, p in zip(split.train, y_train)}
+        labels = {int(r): ("positive" if p else "negative") for r, p in zip(split.train, y_train, strict=True)}
         for mode in modes:
             for method, aux in (("ft", {"aux_weight": 0.0}), ("bs", {})):
                 if method not in methods:
@@ -266,8 +266,17 @@ def protocol_a(
                 rows[f"{mode}-{method}-seconds"] = time.perf_counter() - start
         for method, s in rows.items():
             if not method.endswith("-seconds"):
-                out.append({"corpus": split.corpus, "seed": split.seed, "k": label, "k_value": k, "method": method,
-                            "ap": average_precision(y_test, s), "seconds": rows.get(f"{method}-seconds")})
+                out.append(
+                    {
+                        "corpus": split.corpus,
+                        "seed": split.seed,
+                        "k": label,
+                        "k_value": k,
+                        "method": method,
+                        "ap": average_precision(y_test, s),
+                        "seconds": rows.get(f"{method}-seconds"),
+                    }
+                )
     return out
 
 
@@ -308,7 +317,9 @@ class BenchProject:
     def train(self, category: str, config: TrainConfig, progress=None, cancel=None):
         labels = self.store.labels(category)
         if self.learner == "bs":
-            self.model = self.trainer.fit(self.data, config.mode, labels, self.rows, config, self.model if config.warm_start else None)
+            self.model = self.trainer.fit(
+                self.data, config.mode, labels, self.rows, config, self.model if config.warm_start else None
+            )
             self.embeddings, self.scores = self.trainer.scores(self.data, self.model, self.rows)
         else:
             y = np.array([labels.get(int(i)) == "positive" for i in self.rows])
@@ -319,7 +330,13 @@ class BenchProject:
 
 
 def run_loop(
-    data: Data, split: Split, learner: str, strategy_name: str, trainer: Trainer, rounds: int, per_round: int,
+    data: Data,
+    split: Split,
+    learner: str,
+    strategy_name: str,
+    trainer: Trainer,
+    rounds: int,
+    per_round: int,
     estimate: bool = False,
 ) -> dict:
     """One review loop on the training split, driven through :class:`bgminer.loop.Miner` (an oracle
@@ -332,7 +349,7 @@ def run_loop(
     seeds = rng.choice(positives, seed_positive_count(len(positives)), replace=False)
     reviewed: list[bool] = []
     estimates = []
-    is_pos = dict(zip(rows.tolist(), truth.tolist()))
+    is_pos = dict(zip(rows.tolist(), truth.tolist(), strict=True))
     mode = str(trainer.overrides.get("mode", TrainConfig().mode))
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bgminer-quality-") as folder:
@@ -346,7 +363,9 @@ def run_loop(
             elif r > 0:
                 miner.retrain_if_due(config=config)
             if estimate and project.scores is not None and len(reviewed) in ESTIMATE_AT:
-                estimates.extend(check_estimator(rows, project.scores, project.store.labels(RARE_CATEGORY), is_pos, split.seed, len(reviewed)))
+                estimates.extend(
+                    check_estimator(rows, project.scores, project.store.labels(RARE_CATEGORY), is_pos, split.seed, len(reviewed))
+                )
             miner.seed = split.seed * 1000 + r
             for candidate in miner.query(per_round):
                 miner.decide(candidate.image_id, "positive" if is_pos[candidate.image_id] else "negative")
@@ -357,14 +376,22 @@ def run_loop(
     hidden = len(positives) - n_seeds
     found = {n: int(curve[min(n, len(curve)) - 1]) if len(curve) else 0 for n in CHECKPOINTS if n <= rounds * per_round}
     return {
-        "corpus": split.corpus, "seed": split.seed, "loop": f"{learner}:{strategy_name}",
-        "train_positives": len(positives), "seed_positives": n_seeds, "hidden": hidden,
-        "found": found, "recall": {n: f / hidden if hidden else float("nan") for n, f in found.items()},
-        "seconds": time.perf_counter() - start, "estimates": estimates,
+        "corpus": split.corpus,
+        "seed": split.seed,
+        "loop": f"{learner}:{strategy_name}",
+        "train_positives": len(positives),
+        "seed_positives": n_seeds,
+        "hidden": hidden,
+        "found": found,
+        "recall": {n: f / hidden if hidden else float("nan") for n, f in found.items()},
+        "seconds": time.perf_counter() - start,
+        "estimates": estimates,
     }
 
 
-def check_estimator(rows: np.ndarray, scores: np.ndarray, labels: dict[int, str], is_pos: dict[int, bool], seed: int, reviews: int) -> list[dict]:
+def check_estimator(
+    rows: np.ndarray, scores: np.ndarray, labels: dict[int, str], is_pos: dict[int, bool], seed: int, reviews: int
+) -> list[dict]:
     """Several validation samples from the current scores; does the 95% interval cover the true positives left?"""
     unreviewed = ~np.isin(rows, np.fromiter(labels, dtype=np.int64, count=len(labels)))
     pool, pool_scores = rows[unreviewed], scores[unreviewed]
@@ -375,8 +402,17 @@ def check_estimator(rows: np.ndarray, scores: np.ndarray, labels: dict[int, str]
         positions, pi = draw_validation_sample(pool_scores, VALIDATION_SIZE, np.random.default_rng([seed, reviews, draw]))
         y = [is_pos[int(i)] for i in pool[positions]]
         est = estimate_remaining(pool[positions], y, pi, len(pool), found=found)
-        out.append({"reviews": reviews, "true": true_left, "estimate": est.remaining, "low": est.low, "high": est.high,
-                    "covered": bool(est.low <= true_left <= est.high), "sample": est.sample_size})
+        out.append(
+            {
+                "reviews": reviews,
+                "true": true_left,
+                "estimate": est.remaining,
+                "low": est.low,
+                "high": est.high,
+                "covered": bool(est.low <= true_left <= est.high),
+                "sample": est.sample_size,
+            }
+        )
     return out
 
 
@@ -396,7 +432,9 @@ def summarize_a(rows: list[dict]) -> dict:
         cell = {}
         for m in methods:
             ap = [r["ap"] for r in rows if (r["corpus"], r["k"], r["method"]) == (corpus, k, m)]
-            secs = [r["seconds"] for r in rows if (r["corpus"], r["k"], r["method"]) == (corpus, k, m) and r["seconds"] is not None]
+            secs = [
+                r["seconds"] for r in rows if (r["corpus"], r["k"], r["method"]) == (corpus, k, m) and r["seconds"] is not None
+            ]
             if ap:
                 mu, sd = mean_std(ap)
                 cell[m] = {"mean": mu, "std": sd, "n": len(ap), "seconds": float(np.mean(secs)) if secs else None}
@@ -415,9 +453,12 @@ def summarize_a(rows: list[dict]) -> dict:
         every = [x for d in diffs_by_setting.values() for x in d]
         mu, sd = mean_std(every)
         return {
-            "mean": mu, "std": sd, "n": len(every), "sem": sd / math.sqrt(len(every)),
+            "mean": mu,
+            "std": sd,
+            "n": len(every),
+            "sem": sd / math.sqrt(len(every)),
             "wins": sum(x > 0 for x in every),
-            "per_setting": {s: dict(zip(("mean", "std"), mean_std(d))) for s, d in diffs_by_setting.items()},
+            "per_setting": {s: dict(zip(("mean", "std"), mean_std(d), strict=True)) for s, d in diffs_by_setting.items()},
         }
 
     mode_names = sorted({m.rsplit("-", 1)[0] for m in methods if m.endswith(("-bs", "-ft"))})
@@ -437,8 +478,8 @@ def summarize_b(rows: list[dict]) -> dict:
         cell["hidden"] = r["hidden"]
     for loops in out.values():
         for cell in loops.values():
-            cell["found"] = {n: dict(zip(("mean", "std"), mean_std(v))) for n, v in cell["found"].items()}
-            cell["recall"] = {n: dict(zip(("mean", "std"), mean_std(v))) for n, v in cell["recall"].items()}
+            cell["found"] = {n: dict(zip(("mean", "std"), mean_std(v), strict=True)) for n, v in cell["found"].items()}
+            cell["recall"] = {n: dict(zip(("mean", "std"), mean_std(v), strict=True)) for n, v in cell["recall"].items()}
             cell["seconds"] = float(np.mean(cell["seconds"]))
     return out
 
@@ -471,26 +512,41 @@ def print_tables(result: dict) -> None:
         print("\nProtocol A: test AP, mean ± std over seeds")
         print(f"{'setting':<15}" + "".join(f"{m:>17}" for m in methods))
         for setting, cell in table.items():
-            print(f"{setting:<15}" + "".join(f"{cell[m]['mean']:>10.3f}±{cell[m]['std']:.3f}" if m in cell else f"{'':>17}" for m in methods))
+            print(
+                f"{setting:<15}"
+                + "".join(f"{cell[m]['mean']:>10.3f}±{cell[m]['std']:.3f}" if m in cell else f"{'':>17}" for m in methods)
+            )
         print("\nPaired differences (AP points x100, mean ± std over settings x seeds; wins/n):")
         for name, d in result["A"]["paired"].items():
             per = "  ".join(f"{s}: {100 * v['mean']:+.1f}" for s, v in d["per_setting"].items())
-            print(f"  {name:<22} {100 * d['mean']:+.1f} ± {100 * d['std']:.1f} (sem {100 * d['sem']:.1f}; {d['wins']}/{d['n']})   {per}")
+            print(
+                f"  {name:<22} {100 * d['mean']:+.1f} ± {100 * d['std']:.1f} (sem {100 * d['sem']:.1f}; "
+                f"{d['wins']}/{d['n']})   {per}"
+            )
     if "B" in result:
-        print("\nProtocol B: positives found in review after 100/200/300 reviews (mean over seeds); recall of hidden positives at the end")
+        print(
+            "\nProtocol B: positives found in review after 100/200/300 reviews (mean over seeds); recall of "
+            "hidden positives at the end"
+        )
         for corpus, loops in result["B"].items():
             hidden = next(iter(loops.values()))["hidden"]
             print(f"  {corpus} (hidden positives in the training split: {hidden})")
             for loop, cell in loops.items():
                 found = " / ".join(f"{cell['found'][n]['mean']:6.1f}" for n in cell["found"])
                 last = max(cell["recall"])
-                print(f"    {loop:<22} {found}   recall@{last} {cell['recall'][last]['mean']:.2f} ± {cell['recall'][last]['std']:.2f}   {cell['seconds']:.0f} s/loop")
+                print(
+                    f"    {loop:<22} {found}   recall@{last} {cell['recall'][last]['mean']:.2f} ± "
+                    f"{cell['recall'][last]['std']:.2f}   {cell['seconds']:.0f} s/loop"
+                )
     if "estimator" in result:
         print("\nRemaining-positives estimator (default loop): 95% interval coverage of the true count")
         for corpus, by_reviews in result["estimator"].items():
             for reviews, e in by_reviews.items():
-                print(f"  {corpus:<5} after {reviews} reviews: coverage {e['coverage']:.2f} over {e['draws']} draws; "
-                      f"true left {e['true_left_mean']:.1f}, estimate {e['estimate_mean']:.1f}, interval width {e['width_mean']:.1f}")
+                print(
+                    f"  {corpus:<5} after {reviews} reviews: coverage {e['coverage']:.2f} over {e['draws']} draws; "
+                    f"true left {e['true_left_mean']:.1f}, estimate {e['estimate_mean']:.1f}, interval width "
+                    f"{e['width_mean']:.1f}"
+                )
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, object]:
@@ -521,18 +577,29 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument("--corpora", nargs="+", choices=list(CORPORA), default=list(CORPORA))
     parser.add_argument("--protocols", nargs="+", choices=["A", "B"], default=["A", "B"])
-    parser.add_argument("--modes", nargs="+", choices=MODES, help="protocol A training modes (default both; adapter with --quick)")
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="protocol A methods")
-    parser.add_argument("--head-init", choices=["zero", "probe"], default="zero", help="protocol A: main head at zero (engine) or at the LR probe")
-    parser.add_argument("--ks", nargs="+", default=None, help="protocol A k values; 'all' for every positive")
-    parser.add_argument("--strategies", nargs="+", default=None, help=f"protocol B strategies (default {' '.join(STRATEGY_NAMES)})")
     parser.add_argument(
-        "--strategy-corpora", nargs="+", choices=list(CORPORA), default=["4%"],
+        "--modes", nargs="+", choices=MODES, help="protocol A training modes (default both; adapter with --quick)"
+    )
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="protocol A methods")
+    parser.add_argument(
+        "--head-init", choices=["zero", "probe"], default="zero", help="protocol A: main head at zero (engine) or at the LR probe"
+    )
+    parser.add_argument("--ks", nargs="+", default=None, help="protocol A k values; 'all' for every positive")
+    parser.add_argument(
+        "--strategies", nargs="+", default=None, help=f"protocol B strategies (default {' '.join(STRATEGY_NAMES)})"
+    )
+    parser.add_argument(
+        "--strategy-corpora",
+        nargs="+",
+        choices=list(CORPORA),
+        default=["4%"],
         help="corpora where protocol B runs every strategy; elsewhere only the first (few positives to find there)",
     )
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--per-round", type=int, default=20)
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="TrainConfig field override")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="TrainConfig field override"
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     parser.add_argument("--partial", action="store_true", help="use the images embedded so far (never starts embedding)")
@@ -547,8 +614,11 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     data = load_data(args.partial)
     result: dict = {
-        "benchmark": "quality", "images": len(data.paths), "positives": int(data.positive.sum()),
-        "seeds": list(range(args.first_seed, args.first_seed + n_seeds)), "overrides": trainer.overrides,
+        "benchmark": "quality",
+        "images": len(data.paths),
+        "positives": int(data.positive.sum()),
+        "seeds": list(range(args.first_seed, args.first_seed + n_seeds)),
+        "overrides": trainer.overrides,
         "head_init": args.head_init,
         "default_config": {f.name: getattr(TrainConfig(), f.name) for f in fields(TrainConfig)},
         "threads": args.threads,
@@ -583,8 +653,10 @@ def main(argv: list[str] | None = None) -> None:
         result["raw"] = {"A": rows_a, "B": [{k: v for k, v in r.items() if k != "estimates"} for r in rows_b]}
         print(json.dumps(result, default=float))
         return
-    print(f"quality benchmark: {result['images']} images, {result['positives']} {RARE_CATEGORY}, seeds {result['seeds']}, "
-          f"overrides {trainer.overrides or 'none'}")
+    print(
+        f"quality benchmark: {result['images']} images, {result['positives']} {RARE_CATEGORY}, seeds {result['seeds']}, "
+        f"overrides {trainer.overrides or 'none'}"
+    )
     print_tables(result)
     print("\nseconds: " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
 

@@ -111,7 +111,9 @@ def measure(project: Project, decisions: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--project", type=Path, default=None, help="an existing demo project to copy (default: build one; ~1 min)")
+    parser.add_argument(
+        "--project", type=Path, default=None, help="an existing demo project to copy (default: build one; ~1 min)"
+    )
     parser.add_argument("--decisions", type=int, default=30)
     parser.add_argument("--seeds", type=int, default=5, help="true positives labeled before training")
     parser.add_argument("--json", action="store_true", help="print one JSON object")

@@ -60,7 +60,9 @@ def build_project(workdir: Path, n_images: int) -> Project:
     return project
 
 
-def reviewer(root: str, category: str, author: str, log_path: str, stats_path: str, seed: int, seconds: float, ready, go, start_at) -> None:
+def reviewer(
+    root: str, category: str, author: str, log_path: str, stats_path: str, seed: int, seconds: float, ready, go, start_at
+) -> None:
     """One reviewer process: from ``start_at`` (set with ``go``) decide for ``seconds``; log each committed event id (fsynced)."""
     project = Project(root)
     ids = np.asarray(project.store.image_ids(), dtype=np.int64)
@@ -109,8 +111,21 @@ def run(args: argparse.Namespace) -> dict:
     ctx = mp.get_context("spawn")
     ready, go, shared_start = [ctx.Event() for _ in authors], ctx.Event(), ctx.Value("d", 0.0)
     procs = [
-        ctx.Process(target=reviewer, args=(str(project.root), category, a, str(logs / f"{k}.log"), str(logs / f"{k}.json"),
-                                           k, args.seconds, ready[k], go, shared_start))
+        ctx.Process(
+            target=reviewer,
+            args=(
+                str(project.root),
+                category,
+                a,
+                str(logs / f"{k}.log"),
+                str(logs / f"{k}.json"),
+                k,
+                args.seconds,
+                ready[k],
+                go,
+                shared_start,
+            ),
+        )
         for k, a in enumerate(authors)
     ]
     for p in procs:
@@ -158,16 +173,18 @@ def run(args: argparse.Namespace) -> dict:
         stats = json.loads(stats_file.read_text()) if stats_file.exists() else {"latencies": [], "passes": None}
         all_latencies += stats["latencies"]
         active = kill_time if killed == k else args.seconds
-        per_reviewer.append({
-            "author": author,
-            "decisions": len(logged[k]),
-            "decisions_per_second": round(len(logged[k]) / active, 1),
-            "p50_ms": _percentile_ms(stats["latencies"], 50),
-            "p95_ms": _percentile_ms(stats["latencies"], 95),
-            "passes": stats["passes"],
-            "killed": killed == k,
-            "exit_code": exit_codes[k],
-        })
+        per_reviewer.append(
+            {
+                "author": author,
+                "decisions": len(logged[k]),
+                "decisions_per_second": round(len(logged[k]) / active, 1),
+                "p50_ms": _percentile_ms(stats["latencies"], 50),
+                "p95_ms": _percentile_ms(stats["latencies"], 95),
+                "passes": stats["passes"],
+                "killed": killed == k,
+                "exit_code": exit_codes[k],
+            }
+        )
     total = len(all_logged)
     return {
         "mode": mode,
@@ -178,7 +195,8 @@ def run(args: argparse.Namespace) -> dict:
         "decisions_per_second": round(total / args.seconds, 1),
         "p50_ms": _percentile_ms(all_latencies, 50),
         "p95_ms": _percentile_ms(all_latencies, 95),
-        "latency_note": "one Project.label call (a committed, fsynced SQLite WAL transaction); p50/p95 over the surviving reviewers",
+        "latency_note": "one Project.label call (a committed, fsynced SQLite WAL transaction); p50/p95 over "
+        "the surviving reviewers",
         "per_reviewer": per_reviewer,
         "killed_at_second": None if killed is None else round(kill_time, 1),
         "events_in_store": len(in_store),
@@ -203,17 +221,25 @@ def run(args: argparse.Namespace) -> dict:
 
 def table(result: dict) -> str:
     lines = [
-        (f"{result['reviewers']} reviewers, {result['seconds']} s, mode {result['mode']}, {result['images']} images "
-         f"(load average before {result['load_average_before'][0]}, after {result['load_average_after'][0]}, {result['cpu_count']} CPUs)"),
+        (
+            f"{result['reviewers']} reviewers, {result['seconds']} s, mode {result['mode']}, {result['images']} images "
+            f"(load average before {result['load_average_before'][0]}, after {result['load_average_after'][0]}, "
+            f"{result['cpu_count']} CPUs)"
+        ),
         f"{'reviewer':<26}{'decisions':>10}{'per s':>8}{'p50 ms':>9}{'p95 ms':>9}",
     ]
     for r in result["per_reviewer"]:
         note = "  (killed)" if r["killed"] else ""
-        lines.append(f"{r['author']:<26}{r['decisions']:>10}{r['decisions_per_second']:>8}{r['p50_ms']!s:>9}{r['p95_ms']!s:>9}{note}")
-    lines.append(f"{'all':<26}{result['decisions']:>10}{result['decisions_per_second']:>8}{result['p50_ms']!s:>9}{result['p95_ms']!s:>9}")
+        lines.append(
+            f"{r['author']:<26}{r['decisions']:>10}{r['decisions_per_second']:>8}{r['p50_ms']!s:>9}{r['p95_ms']!s:>9}{note}"
+        )
+    lines.append(
+        f"{'all':<26}{result['decisions']:>10}{result['decisions_per_second']:>8}{result['p50_ms']!s:>9}{result['p95_ms']!s:>9}"
+    )
     lines.append(
         f"lost {result['lost']}, duplicated {result['duplicated']}, wrong author {result['wrong_author']}, "
-        f"committed but unlogged {result['unlogged']}, integrity {result['integrity_check']}: {'OK' if result['ok'] else 'FAILED'}"
+        f"committed but unlogged {result['unlogged']}, integrity {result['integrity_check']}: "
+        f"{'OK' if result['ok'] else 'FAILED'}"
     )
     return "\n".join(lines)
 
@@ -224,7 +250,9 @@ def main() -> int:
     parser.add_argument("--reviewers", type=int, default=5)
     parser.add_argument("--images", type=int, default=2000)
     parser.add_argument("--kill-one", action="store_true", help="SIGKILL one reviewer half-way, then check again")
-    parser.add_argument("--workdir", default=None, help="where the shared project lives (reused by later runs; default: a new temporary folder)")
+    parser.add_argument(
+        "--workdir", default=None, help="where the shared project lives (reused by later runs; default: a new temporary folder)"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--out", default=None, help="merge this run into a results file (keyed by mode)")
     args = parser.parse_args()

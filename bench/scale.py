@@ -127,8 +127,8 @@ def bench_embed(n: int, batch_size: int, shard_rows: int, repeats: int) -> dict:
         "shard_rows": shard_rows,
         "ray_init_s": round(ray_init_s, 2),
         "runs": [{k: v for k, v in x.items() if k not in ("pooled", "logits")} for x in runs],
-        "max_abs_diff_pooled": float(max(np.abs(a["pooled"] - b["pooled"]).max() for a, b in zip(local, remote))),
-        "max_abs_diff_logits": float(max(np.abs(a["logits"] - b["logits"]).max() for a, b in zip(local, remote))),
+        "max_abs_diff_pooled": float(max(np.abs(a["pooled"] - b["pooled"]).max() for a, b in zip(local, remote, strict=True))),
+        "max_abs_diff_logits": float(max(np.abs(a["logits"] - b["logits"]).max() for a, b in zip(local, remote, strict=True))),
     }
     for key in ("images_per_second", "steady_images_per_second"):
         lo, hi = best(local, key), best(remote, key)
@@ -137,12 +137,17 @@ def bench_embed(n: int, batch_size: int, shard_rows: int, repeats: int) -> dict:
 
 
 def print_embed(result: dict) -> None:
-    print(f"{result['images']} images, {result['cores']} cores, torch threads {result['torch_threads']}, "
-          f"batch {result['batch_size']}, shard {result['shard_rows']} images; ray.init {result['ray_init_s']} s (not counted)")
+    print(
+        f"{result['images']} images, {result['cores']} cores, torch threads {result['torch_threads']}, "
+        f"batch {result['batch_size']}, shard {result['shard_rows']} images; ray.init {result['ray_init_s']} s (not counted)"
+    )
     print(f"{'engine':<7} {'seconds':>8} {'img/s':>7} {'steady img/s':>13}")
     for run in result["runs"]:
         print(f"{run['engine']:<7} {run['seconds']:>8} {run['images_per_second']:>7} {run['steady_images_per_second']!s:>13}")
-    print(f"ray / in-process (best of each): end-to-end {result['ratio_images_per_second']}, steady {result['ratio_steady_images_per_second']}")
+    print(
+        f"ray / in-process (best of each): end-to-end {result['ratio_images_per_second']}, steady "
+        f"{result['ratio_steady_images_per_second']}"
+    )
     print(f"max |ray - in-process|: pooled {result['max_abs_diff_pooled']:.2e}, logits {result['max_abs_diff_logits']:.2e}")
 
 
@@ -159,7 +164,9 @@ def bench_rescore(n: int, chunk_rows: int, engines: list[str]) -> dict:
     model = build_model("adapter", load_backbone(), ["rare"])
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
-        pooled = np.lib.format.open_memmap(Path(tmp) / "pooled.npy", mode="w+", dtype=np.float32, shape=(n + 1, model.embedding_dim))
+        pooled = np.lib.format.open_memmap(
+            Path(tmp) / "pooled.npy", mode="w+", dtype=np.float32, shape=(n + 1, model.embedding_dim)
+        )
         rng = np.random.default_rng(0)
         for start in range(1, n + 1, GEN_CHUNK):
             rows = min(GEN_CHUNK, n + 1 - start)
@@ -181,7 +188,13 @@ def bench_rescore(n: int, chunk_rows: int, engines: list[str]) -> dict:
             if engine == "ray":
                 ray.shutdown()
             runs.append({"engine": engine, "rows": n, "seconds": round(seconds, 2), "rows_per_second": round(n / seconds)})
-    return {"benchmark": "scale-rescore", "mode": "adapter", "torch_threads": torch.get_num_threads(), "chunk_rows": chunk_rows, "runs": runs}
+    return {
+        "benchmark": "scale-rescore",
+        "mode": "adapter",
+        "torch_threads": torch.get_num_threads(),
+        "chunk_rows": chunk_rows,
+        "runs": runs,
+    }
 
 
 # -- index -------------------------------------------------------------------------------------
@@ -277,7 +290,19 @@ def bench_index(n: int, dim: int, kind: str, n_queries: int, tuning_queries: int
 
 
 def print_index(result: dict) -> None:
-    cols = ["n", "kind", "train_s", "build_s", "index_ram_mb", "disk_mb", "rss_anon_growth_mb", "p50_ms", "p95_ms", "recall_at_10", "tuned_recall"]
+    cols = [
+        "n",
+        "kind",
+        "train_s",
+        "build_s",
+        "index_ram_mb",
+        "disk_mb",
+        "rss_anon_growth_mb",
+        "p50_ms",
+        "p95_ms",
+        "recall_at_10",
+        "tuned_recall",
+    ]
     print("  ".join(f"{c:>13}" for c in cols) + "  settings")
     for r in result["results"]:
         print("  ".join(f"{r[c]!s:>13}" for c in cols) + f"  {r['settings']}")
@@ -304,7 +329,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--queries", type=int, default=300)
     p.add_argument("--tuning-queries", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workdir", default=None, help="where index files and on-disk codes go while measuring (default: system temp)")
+    p.add_argument(
+        "--workdir", default=None, help="where index files and on-disk codes go while measuring (default: system temp)"
+    )
     p.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
 
@@ -317,7 +344,11 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.what == "rescore":
         result = bench_rescore(args.n, args.chunk_rows, args.engines)
-        print(json.dumps(result)) if args.json else print("\n".join(f"{r['engine']:<6} {r['rows']} rows in {r['seconds']} s: {r['rows_per_second']} rows/s" for r in result["runs"]))
+        print(json.dumps(result)) if args.json else print(
+            "\n".join(
+                f"{r['engine']:<6} {r['rows']} rows in {r['seconds']} s: {r['rows_per_second']} rows/s" for r in result["runs"]
+            )
+        )
         return
     results = []
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:

@@ -85,7 +85,9 @@ def backup_project(
         snapshot = Store(partial / DB_NAME)
         try:
             records = snapshot.models()
-            active = {m.id: m for m in [snapshot.active_model(), *map(snapshot.active_model, snapshot.categories())] if m is not None}
+            active = {
+                m.id: m for m in [snapshot.active_model(), *map(snapshot.active_model, snapshot.categories())] if m is not None
+            }
         finally:
             snapshot.close()
 
@@ -100,7 +102,7 @@ def backup_project(
         report(progress, 2, 4, "scores and indexes")
         for model_id in sorted(active):
             if copier.copy_together(lambda model_id=model_id: _version_files(project.scores_dir, model_id)) is not None:
-                copier.copy_together(lambda model_id=model_id: _index_files(project._index_path(model_id)))
+                copier.copy_together(lambda model_id=model_id: _index_files(project.finder.index_path(model_id)))
 
         report(progress, 3, 4, "features and thumbnails")
         if with_thumbnails and project.thumbs_dir.exists():
@@ -141,7 +143,10 @@ def _snapshot_database(source: Path, target: Path) -> None:
         src.backup(dst)
         with dst:
             dst.execute("UPDATE models SET state = 'failed', error = ? WHERE state = 'training'", (INTERRUPTED,))
-            dst.execute("UPDATE jobs SET state = 'failed', error = ?, finished_at = ? WHERE state IN ('queued', 'running')", (INTERRUPTED, time.time()))
+            dst.execute(
+                "UPDATE jobs SET state = 'failed', error = ?, finished_at = ? WHERE state IN ('queued', 'running')",
+                (INTERRUPTED, time.time()),
+            )
 
 
 def _version_files(scores_dir: Path, model_id: int) -> list[Path] | None:

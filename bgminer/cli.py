@@ -1,4 +1,8 @@
-"""``python -m bgminer ...``: the command line over the same engine the web app uses."""
+"""``python -m bgminer ...``: the command line over the same engine the web app uses.
+
+What each sub-command does, with the one output helper and the one progress printer; the
+sub-commands' arguments are in :mod:`bgminer.cli_parser`.
+"""
 
 from __future__ import annotations
 
@@ -11,10 +15,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from .modes import MODES
+from .cli_parser import build_parser
 from .progress import CancelToken
 from .settings import load_settings, local_user
-from .tables import NEGATIVE_SUFFIX
 
 # Heavy modules (torch, timm, faiss, pandas) are imported inside the commands that need them,
 # so that light commands such as ``info`` start fast.
@@ -77,7 +80,12 @@ def cmd_embed(args: argparse.Namespace) -> int:
                               progress=_print_progress, cancel=CancelToken())
     else:
         result = project.embed(device=args.device, batch_size=args.batch_size, progress=_print_progress)
-    summary = {"embedded": result.embedded, "failed": result.failed, "images_per_second": round(result.images_per_second, 1), "device": result.device}
+    summary = {
+        "embedded": result.embedded,
+        "failed": result.failed,
+        "images_per_second": round(result.images_per_second, 1),
+        "device": result.device,
+    }
     _emit(args, summary, _fields)
     return 0
 
@@ -92,7 +100,9 @@ def cmd_rescore(args: argparse.Namespace) -> int:
 
         ray_config = RayConfig(address=args.address, device=args.device)
     start = time.perf_counter()
-    record = project.rescore(engine=args.engine, ray_config=ray_config, device=args.device, progress=_print_progress, cancel=CancelToken())
+    record = project.rescore(
+        engine=args.engine, ray_config=ray_config, device=args.device, progress=_print_progress, cancel=CancelToken()
+    )
     n = len(project.store.image_ids(embedded=True))
     seconds = time.perf_counter() - start
     summary = {"model_version": record.id, "mode": record.mode, "images": n, "seconds": round(seconds, 1), "engine": args.engine}
@@ -106,7 +116,12 @@ def cmd_info(args: argparse.Namespace) -> int:
     info = Project(args.project).info()
 
     def text(i: dict) -> str:
-        lines = [f"project   {i['project']}", f"backbone  {i['backbone']}", f"images    {i['images']} ({i['embedded']} embedded)", f"rejected  {i['rejected']}"]
+        lines = [
+            f"project   {i['project']}",
+            f"backbone  {i['backbone']}",
+            f"images    {i['images']} ({i['embedded']} embedded)",
+            f"rejected  {i['rejected']}",
+        ]
         lines += [f"  {reason}: {n}" for reason, n in sorted(i["rejected_by_reason"].items())]
         lines.append("labels")
         lines += [f"  {c}: {n['positive']} positive, {n['negative']} negative" for c, n in i["labels"].items()]
@@ -119,7 +134,9 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_backup(args: argparse.Namespace) -> int:
     from .project import Project
 
-    result = Project(args.project).backup(args.dest, with_features=args.with_features, with_thumbnails=args.with_thumbnails, progress=_print_progress)
+    result = Project(args.project).backup(
+        args.dest, with_features=args.with_features, with_thumbnails=args.with_thumbnails, progress=_print_progress
+    )
     summary = {
         "dest": str(result.dest),
         "files": result.files,
@@ -185,7 +202,8 @@ def _retrain_summary(outcome) -> dict:
         text = f"auto-retrain: due, not started: {outcome.refused}"
     else:
         text = f"auto-retrain: trained model v{outcome.model.id}"
-    return {"due": outcome.due, "model_version": None if outcome.model is None else outcome.model.id, "refused": outcome.refused, "text": text}
+    model_version = None if outcome.model is None else outcome.model.id
+    return {"due": outcome.due, "model_version": model_version, "refused": outcome.refused, "text": text}
 
 
 def cmd_skip(args: argparse.Namespace) -> int:
@@ -232,22 +250,32 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _candidate_rows(candidates) -> list[dict]:
-    return [{"image_id": c.image_id, "path": c.path, "score": c.score} for c in candidates]
+def _candidate_rows(candidates, key: str) -> list[dict]:
+    """JSON rows {"image_id", "path", key}: one key per command, named for what the number is (README, CLI):
+    "score" (rank; null before the first model), "similarity" (search --like), "class_probability" (search --text)."""
+    for c in candidates:
+        if c.kind not in (key, None):
+            raise AssertionError(f"a {c.kind} where a {key} belongs")
+    return [{"image_id": c.image_id, "path": c.path, key: c.value} for c in candidates]
 
 
-def _candidate_table(rows: list[dict]) -> str:
-    return "\n".join(f"{r['score'] if r['score'] is None else round(r['score'], 4)!s:>8}  {r['path']}" for r in rows) or "(nothing)"
+def _candidate_table(rows: list[dict], key: str) -> str:
+    if not rows:
+        return "(nothing)"
+    width = max(8, len(key))
+    values = [r[key] if r[key] is None else round(r[key], 4) for r in rows]
+    return "\n".join([f"{key:>{width}}  path"] + [f"{v!s:>{width}}  {r['path']}" for v, r in zip(values, rows, strict=True)])
 
 
 def cmd_rank(args: argparse.Namespace) -> int:
     from .loop import Miner
     from .project import Project
 
-    miner = Miner(Project(args.project), args.category, args.author or local_user(), args.strategy, pool_neighbors=args.pool_neighbors)
+    author = args.author or local_user()
+    miner = Miner(Project(args.project), args.category, author, args.strategy, pool_neighbors=args.pool_neighbors)
     candidates = miner.query(args.limit)
-    _emit(args, {"category": args.category, "strategy": args.strategy, "candidates": _candidate_rows(candidates)},
-          lambda o: _candidate_table(o["candidates"]))
+    _emit(args, {"category": args.category, "strategy": args.strategy, "candidates": _candidate_rows(candidates, "score")},
+          lambda o: _candidate_table(o["candidates"], "score"))
     return 0
 
 
@@ -257,14 +285,19 @@ def cmd_search(args: argparse.Namespace) -> int:
     project = Project(args.project)
     if args.like:
         image_id = project.store.image_id_for_path(str(Path(args.like).resolve()))
-        found = project.search_like(image_id=image_id, n=args.limit) if image_id else project.search_like(image_file=args.like, n=args.limit)
-        out = {"like": args.like, "results": _candidate_rows(found)}
+        if image_id:
+            found = project.search_like(image_id=image_id, n=args.limit)
+        else:
+            found = project.search_like(image_file=args.like, n=args.limit)
+        key = "similarity"
+        out = {"like": args.like, "results": _candidate_rows(found, key)}
     elif args.text:
         classes, found = project.search_text(args.text, n=args.limit)
-        out = {"text": args.text, "matched_classes": classes, "results": _candidate_rows(found)}
+        key = "class_probability"
+        out = {"text": args.text, "matched_classes": classes, "results": _candidate_rows(found, key)}
     else:
         raise ValueError("give --like IMAGE or --text WORDS")
-    _emit(args, out, lambda o: _candidate_table(o["results"]))
+    _emit(args, out, lambda o: _candidate_table(o["results"], key))
     return 0
 
 
@@ -282,7 +315,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     result = export_model(Project(args.project), args.category, args.out, model_id=args.model_version)
     meta = read_export_metadata(result.model)
-    summary = {**{k: str(v) for k, v in asdict(result).items()}, "categories": meta["categories"], "model_version": meta["model"]["version"]}
+    summary = {
+        **{k: str(v) for k, v in asdict(result).items()},
+        "categories": meta["categories"],
+        "model_version": meta["model"]["version"],
+    }
     _emit(args, summary, lambda s: f"exported model v{s['model_version']} ({', '.join(s['categories'])}) to {s['model']}")
     return 0
 
@@ -306,7 +343,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
         "predictions": [{"path": p, "scores": s} for p, s in results],
         "skipped": skipped,
     }
-    _emit(args, out, lambda o: "\n".join("\t".join([p["path"], *(f"{c}={v:.6f}" for c, v in p["scores"].items())]) for p in o["predictions"]))
+    def text(o: dict) -> str:
+        return "\n".join("\t".join([p["path"], *(f"{c}={v:.6f}" for c, v in p["scores"].items())]) for p in o["predictions"])
+
+    _emit(args, out, text)
     return 0 if results or not skipped else 1
 
 
@@ -351,174 +391,38 @@ def cmd_export_folders(args: argparse.Namespace) -> int:
     from .project import Project
     from .tables import export_folders
 
-    result = export_folders(Project(args.project), args.out, link=not args.copy, include_negatives=args.negatives, categories=args.category)
+    result = export_folders(
+        Project(args.project), args.out, link=not args.copy, include_negatives=args.negatives, categories=args.category
+    )
     out = {"root": str(result.root), "linked": result.linked, "counts": result.counts}
     _emit(args, out, lambda o: "\n".join([f"{'linked' if o['linked'] else 'copied'} into {o['root']}:"]
                                          + [f"  {folder}/: {n} files" for folder, n in o["counts"].items()]))
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bgminer", description="Find rare classes in large image collections.")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("init", help="create a project folder")
-    p.add_argument("project")
-    p.add_argument("--backbone", default="efficientnet_lite0")
-    p.add_argument("--backbone-weights", default=None, help="weights file for the backbone (e.g. a torchvision ResNet-50 checkpoint)")
-    p.set_defaults(fn=cmd_init)
-
-    p = sub.add_parser("ingest", help="add images: folders, files, .zip archives, .csv lists")
-    p.add_argument("project")
-    p.add_argument("paths", nargs="+")
-    p.add_argument("--max-pixels", type=int, default=40_000_000)
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(fn=cmd_ingest)
-
-    p = sub.add_parser("embed", help="compute backbone features for every new image")
-    p.add_argument("project")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--engine", default="local", choices=["local", "ray"], help="ray: Ray Data actor pool, feature shards (pip install 'bgminer[ray]')")
-    p.add_argument("--address", default=None, help="Ray cluster to join (e.g. auto, ray://head:10001); default: start Ray on this machine")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(fn=cmd_embed)
-
-    p = sub.add_parser("rescore", help="re-score every embedded image with the active model and rebuild its index")
-    p.add_argument("project")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--engine", default="local", choices=["local", "ray"], help="ray: one Ray actor per chunk of cached features (pip install 'bgminer[ray]')")
-    p.add_argument("--address", default=None, help="Ray cluster to join (e.g. auto, ray://head:10001); default: start Ray on this machine")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(fn=cmd_rescore)
-
-    p = sub.add_parser("info", help="counts: images, rejected, embedded, labels")
-    p.add_argument("project")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(fn=cmd_info)
-
-    p = sub.add_parser("backup", help="a consistent copy of a project (database, checkpoints, active scores), safe while the app runs")
-    p.add_argument("project")
-    p.add_argument("dest", help="a new (or empty) folder; written as DEST.partial and renamed when complete")
-    p.add_argument("--with-features", action="store_true", help="copy the feature cache too (otherwise the copy re-embeds on its first embed)")
-    p.add_argument("--with-thumbnails", action="store_true", help="copy the thumbnails too (the app shows images by them; without them, copy thumbs/ back by hand)")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(fn=cmd_backup)
-
-    p = sub.add_parser("demo", help="build the ready-to-use demo project")
-    p.add_argument("project")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(fn=cmd_demo)
-    p = sub.add_parser("label", help="label images by path, or from a CSV (path,category,label)")
-    p.add_argument("project")
-    p.add_argument("--category")
-    p.add_argument("--positive", nargs="*", default=[])
-    p.add_argument("--negative", nargs="*", default=[])
-    p.add_argument("--csv")
-    p.add_argument("--author", default=None, help="who decides (default: the OS user; with --csv: the CSV's author column)")
-    p.add_argument("--review", action="store_true",
-                   help="record as review decisions: they count toward the project's auto-retrain threshold, and a due round trains here")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(fn=cmd_label)
-
-    p = sub.add_parser("skip", help="leave images out of your review queue for a category (the app's Skip; others still see them)")
-    p.add_argument("project")
-    p.add_argument("--category", required=True)
-    p.add_argument("images", nargs="+", help="image paths or ids")
-    p.add_argument("--author", default=None, help="whose queue (default: the OS user)")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(fn=cmd_skip)
-
-    p = sub.add_parser("undo", help="undo your latest label decision in a category (only while nobody changed it since)")
-    p.add_argument("project")
-    p.add_argument("--category", required=True)
-    p.add_argument("--author", default=None, help="whose decision (default: the OS user)")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(fn=cmd_undo)
-
-    p = sub.add_parser("train", help="train a background-splitting model round, re-score and re-index")
-    p.add_argument("project")
-    p.add_argument("--category", action="append", help="category to train (repeatable; default: all with positives)")
-    p.add_argument("--mode", default="adapter", choices=list(MODES))
-    p.add_argument("--aux-weight", type=float, default=None)
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(fn=cmd_train)
-
-    p = sub.add_parser("rank", help="the review queue: likely positives not yet labeled")
-    p.add_argument("project")
-    p.add_argument("--category", required=True)
-    p.add_argument("--strategy", default="most-likely",
-                   help="most-likely, uncertain, near-positives, random, mixed or validate (the estimator's sample)")
-    p.add_argument("--limit", type=int, default=20)
-    p.add_argument("--author", default=None, help="whose queue: leaves out their skips (default: the OS user)")
-    p.add_argument("--pool-neighbors", type=int, default=None, metavar="K",
-                   help="rank only among the K nearest neighbours of each positive (SEALS candidate pool; large corpora)")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(fn=cmd_rank)
-
-    p = sub.add_parser("search", help="more like an image (in the corpus or not), or by text over ImageNet classes")
-    p.add_argument("project")
-    p.add_argument("--like")
-    p.add_argument("--text")
-    p.add_argument("--limit", type=int, default=20)
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(fn=cmd_search)
-
-    p = sub.add_parser("status", help="labels, reviews, positives found and an estimate of how many remain")
-    p.add_argument("project")
-    p.add_argument("--category", required=True)
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(fn=cmd_status)
-
-    p = sub.add_parser("export", help="export a trained classifier as one TorchScript file (+ metadata.json, state_dict.pt)")
-    p.add_argument("project")
-    p.add_argument("--category", default=None, help="export the active model of this category (default: the newest model)")
-    p.add_argument("--model-version", type=int, default=None, help="export this model version instead")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(fn=cmd_export)
-
-    p = sub.add_parser("predict", help="score image files or folders with an exported model (no project needed)")
-    p.add_argument("model", help="model.ts file or the export folder")
-    p.add_argument("paths", nargs="+")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(fn=cmd_predict)
-
-    p = sub.add_parser("export-labels", help="write the current labels as CSV")
-    p.add_argument("project")
-    p.add_argument("--out", required=True)
-    p.add_argument("--category", default=None)
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(fn=cmd_export_labels)
-
-    p = sub.add_parser("import-labels", help="apply a labels CSV (path, category, label[, author, sha256])")
-    p.add_argument("project")
-    p.add_argument("csv")
-    p.add_argument("--author", default=None, help="record every label under this author (default: the CSV's author column)")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(fn=cmd_import_labels)
-
-    p = sub.add_parser("export-scores", help="write every image's score per category (CSV or Parquet)")
-    p.add_argument("project")
-    p.add_argument("--out", required=True, help=".csv or .parquet")
-    p.add_argument("--format", default=None, choices=["csv", "parquet"], help="default: from the suffix of --out")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(fn=cmd_export_scores)
-
-    p = sub.add_parser("export-folders", help="ImageNet-style tree OUT/<category>/ of the labeled positives")
-    p.add_argument("project")
-    p.add_argument("--out", required=True)
-    p.add_argument("--copy", action="store_true", help="copy the files (default: symbolic links)")
-    p.add_argument("--negatives", action="store_true", help=f"also write reviewed negatives to OUT/<category>{NEGATIVE_SUFFIX}/")
-    p.add_argument("--category", action="append", default=None, help="only this category (repeatable)")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(fn=cmd_export_folders)
-    return parser
+# Sub-command name -> the function that runs it (its arguments: bgminer.cli_parser).
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "init": cmd_init,
+    "ingest": cmd_ingest,
+    "embed": cmd_embed,
+    "rescore": cmd_rescore,
+    "info": cmd_info,
+    "backup": cmd_backup,
+    "demo": cmd_demo,
+    "label": cmd_label,
+    "skip": cmd_skip,
+    "undo": cmd_undo,
+    "train": cmd_train,
+    "rank": cmd_rank,
+    "search": cmd_search,
+    "status": cmd_status,
+    "export": cmd_export,
+    "predict": cmd_predict,
+    "export-labels": cmd_export_labels,
+    "import-labels": cmd_import_labels,
+    "export-scores": cmd_export_scores,
+    "export-folders": cmd_export_folders,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -526,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if getattr(args, "project", None) is not None:  # BGMINER_PROJECTS_DIR: projects live only there
             load_settings().check_project_folder(args.project)
-        return args.fn(args)
+        return COMMANDS[args.command](args)
     except (ValueError, OSError) as exc:  # bad input, missing files, permissions, a full disk (DiskSpaceError)
         print(f"bgminer: error: {exc}", file=sys.stderr)
         return 2

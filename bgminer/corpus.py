@@ -169,7 +169,9 @@ class Collected:
     archives: list[str]  # archives unpacked (or found unpacked) in this run
 
 
-def collect_files(sources: Sequence[str | Path], uploads_dir: Path, data_roots: Sequence[str | Path] = (), limits: Limits | None = None) -> Collected:
+def collect_files(
+    sources: Sequence[str | Path], uploads_dir: Path, data_roots: Sequence[str | Path] = (), limits: Limits | None = None
+) -> Collected:
     """The candidate files under ``sources``; zip archives are extracted first.
 
     Every source is checked against the data roots before anything is read from it (even
@@ -178,7 +180,7 @@ def collect_files(sources: Sequence[str | Path], uploads_dir: Path, data_roots: 
     roots = tuple(Path(os.path.realpath(Path(r).expanduser())) for r in data_roots)
     allowed = Settings(data_roots=(*roots, Path(os.path.realpath(uploads_dir))) if roots else ()).inside_data_roots
     paths = [Path(source).expanduser() for source in sources]
-    for source, path in zip(sources, paths):
+    for source, path in zip(sources, paths, strict=True):
         if not allowed(path):
             raise IngestError(f"{source} refused: {OUTSIDE} ({OUTSIDE_DETAIL})", OUTSIDE)
         if not path.exists():
@@ -212,7 +214,9 @@ def _rejected_row(path: str, reason: str, detail: str) -> dict[str, Any]:
     return {"path": path, "status": "rejected", "reason": reason, "detail": detail}
 
 
-def extract_zip(zip_path: Path, uploads_dir: Path, limits: Limits | None = None, stem: str | None = None, label: str | None = None) -> Path:
+def extract_zip(
+    zip_path: Path, uploads_dir: Path, limits: Limits | None = None, stem: str | None = None, label: str | None = None
+) -> Path:
     """Unpack an archive into ``uploads_dir/<stem>-<sha256[:16]>/`` (once; later calls reuse it).
     ``label`` names the archive in error messages (default: its file name).
 
@@ -258,7 +262,9 @@ def _check_entry_count(fp: Any, name: str, limits: Limits) -> None:
     """Refuse an archive whose end record declares too many entries, before zipfile parses them all."""
     end = zipfile._EndRecData(fp)  # the stdlib's own reader of the end record (handles zip64)
     if end is not None and end[zipfile._ECD_ENTRIES_TOTAL] > limits.archive_entries:
-        raise IngestError(f"{name} refused: {end[zipfile._ECD_ENTRIES_TOTAL]} entries, over the limit of {limits.archive_entries} (zip bomb?)")
+        raise IngestError(
+            f"{name} refused: {end[zipfile._ECD_ENTRIES_TOTAL]} entries, over the limit of {limits.archive_entries} (zip bomb?)"
+        )
 
 
 class _ReserveGuard:
@@ -282,7 +288,10 @@ def _unpack_entry(archive: zipfile.ZipFile, info: zipfile.ZipInfo, dest: Path, n
         for block in iter(partial(src.read, 1 << 20), b""):
             written += len(block)
             if written > info.file_size:  # headers are not trusted
-                raise IngestError(f"{name} refused: entry {info.filename!r} unpacks to more than its declared {info.file_size} bytes (zip bomb?)")
+                raise IngestError(
+                    f"{name} refused: entry {info.filename!r} unpacks to more than its declared "
+                    f"{info.file_size} bytes (zip bomb?)"
+                )
             dst.write(block)
             guard.wrote(len(block))
         dst.flush()
@@ -319,13 +328,19 @@ def _checked_entries(archive: zipfile.ZipFile, name: str, limits: Limits) -> lis
             raise IngestError(f"{name} refused: entry {info.filename!r} is encrypted")
         if info.file_size > RATIO_MIN_BYTES and info.file_size > limits.archive_ratio * max(info.compress_size, 1):
             ratio = info.file_size / max(info.compress_size, 1)
-            raise IngestError(f"{name} refused: entry {info.filename!r} compresses {ratio:.0f}:1, over the {limits.archive_ratio:g}:1 limit (zip bomb?)")
+            raise IngestError(
+                f"{name} refused: entry {info.filename!r} compresses {ratio:.0f}:1, over the "
+                f"{limits.archive_ratio:g}:1 limit (zip bomb?)"
+            )
         total += info.file_size
         if info.is_dir() or any(part.startswith(".") or part == "__MACOSX" for part in relative.parts):
             continue
         entries.append((info, relative))
     if total > limits.archive_bytes:
-        raise IngestError(f"{name} refused: it would unpack to {total / 2**20:.0f} MiB, over the {limits.archive_bytes / 2**20:.0f} MiB limit (zip bomb?)")
+        raise IngestError(
+            f"{name} refused: it would unpack to {total / 2**20:.0f} MiB, over the "
+            f"{limits.archive_bytes / 2**20:.0f} MiB limit (zip bomb?)"
+        )
     return entries
 
 
@@ -368,7 +383,9 @@ def _worker_count(workers: int | None, n_files: int) -> int:
     return max(1, workers)
 
 
-def _map_in_order(fn: Callable[[list[str]], list[dict[str, Any]]], tasks: list[list[str]], workers: int) -> Iterator[list[dict[str, Any]]]:
+def _map_in_order(
+    fn: Callable[[list[str]], list[dict[str, Any]]], tasks: list[list[str]], workers: int
+) -> Iterator[list[dict[str, Any]]]:
     """fn over tasks, results in task order; on a process pool when workers > 1, with a
     bounded number of tasks in flight so that stopping early wastes little work."""
     if workers <= 1:

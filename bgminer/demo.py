@@ -20,7 +20,9 @@ def build_demo_project(root: str | Path, progress: ProgressFn | None = None) -> 
     from .project import Project
 
     project = Project.create(root)
-    project.ingest([DEMO_DIR / "images"], progress=progress, data_roots=())  # shipped with bgminer, not user data: any roots allow it
+    project.ingest(
+        [DEMO_DIR / "images"], progress=progress, data_roots=()
+    )  # shipped with bgminer, not user data: any roots allow it
     project.embed(progress=progress)
     project.add_category(DEMO_CATEGORY)
     return project

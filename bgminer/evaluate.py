@@ -86,6 +86,8 @@ def _inclusion_probabilities(w: np.ndarray, n: int) -> np.ndarray:
     """pi = min(1, c * w) with c such that sum(pi) = n."""
     capped = np.zeros(len(w), bool)
     while True:
+        if capped.all():  # the sample is the whole pool
+            return np.ones(len(w))
         c = (n - capped.sum()) / w[~capped].sum()
         newly = ~capped & (c * w >= 1.0)
         if not newly.any():

@@ -97,7 +97,9 @@ class FeatureCache:
     open project (pass the project's ``lock``).
     """
 
-    def __init__(self, root: Path, feature_dim: int, num_classes: int, map_shape: tuple[int, ...] | None, lock: FolderLock | None = None):
+    def __init__(
+        self, root: Path, feature_dim: int, num_classes: int, map_shape: tuple[int, ...] | None, lock: FolderLock | None = None
+    ):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.specs = {
@@ -157,7 +159,9 @@ class FeatureCache:
             self._writable[name] = cached
         return cached[1]
 
-    def commit_rows(self, store: Store, ids: Sequence[int] | np.ndarray, values: dict[str, np.ndarray], cancel: CancelToken | None = None) -> None:
+    def commit_rows(
+        self, store: Store, ids: Sequence[int] | np.ndarray, values: dict[str, np.ndarray], cancel: CancelToken | None = None
+    ) -> None:
         """Write one block of rows (every array of the cache) and mark the images embedded, under the lock.
 
         The rows go into the files readers map now and are flushed before the store marks them,
@@ -196,7 +200,9 @@ class FeatureCache:
         """Hard ImageNet pseudo-labels (argmax of the cached logits) for ``ids``."""
         ids = np.asarray(ids, dtype=np.int64)
         logits = self.open("logits")
-        return np.concatenate([np.asarray(logits[ids[i : i + chunk]]).argmax(1) for i in range(0, len(ids), chunk)] or [np.zeros(0, np.int64)]).astype(np.int64)
+        return np.concatenate(
+            [np.asarray(logits[ids[i : i + chunk]]).argmax(1) for i in range(0, len(ids), chunk)] or [np.zeros(0, np.int64)]
+        ).astype(np.int64)
 
 
 def unmark_zero_rows(

@@ -40,7 +40,14 @@ WALKED_SUFFIXES = IMAGE_SUFFIXES | UNSUPPORTED_SUFFIXES
 # JPEG's opener returns an "MPO" image for multi-picture camera files.
 _FORMAT_ALIASES = {"MPO": "JPEG"}
 REJECT_REASONS = (
-    "empty_file", "not_an_image", "unsupported_format", "corrupt", "truncated", "too_large", "duplicate", "unreadable",
+    "empty_file",
+    "not_an_image",
+    "unsupported_format",
+    "corrupt",
+    "truncated",
+    "too_large",
+    "duplicate",
+    "unreadable",
     "outside_data_roots",  # ingest: not read, the path lies outside BGMINER_DATA_ROOTS
     "archive_unreadable",  # ingest: an archive the OS would not let us unpack (disk full, I/O error)
 )
@@ -101,7 +108,9 @@ class DecodedImage:
     format: str  # one of ACCEPTED_FORMATS
 
 
-def read_image(source: str | Path | BinaryIO, max_pixels: int = MAX_PIXELS_DEFAULT, draft_size: int | None = None) -> DecodedImage:
+def read_image(
+    source: str | Path | BinaryIO, max_pixels: int = MAX_PIXELS_DEFAULT, draft_size: int | None = None
+) -> DecodedImage:
     """Validate and fully decode one image file (a path or a binary file object).
 
     With ``draft_size``, the image comes back scaled down by the largest integer factor that
@@ -203,7 +212,9 @@ def make_thumbnail(img: Image.Image, size: int = 256, quality: int = 85) -> byte
     scale = size / max(width, height)
     if scale < 1:
         new_size = (max(1, round(width * scale)), max(1, round(height * scale)))
-        img = img.resize(new_size, Image.Resampling.BILINEAR, reducing_gap=2.0)  # antialiased; bicubic costs 2x for no visible gain at this size
+        img = img.resize(
+            new_size, Image.Resampling.BILINEAR, reducing_gap=2.0
+        )  # antialiased; bicubic costs 2x for no visible gain at this size
     buf = io.BytesIO()
     img.save(buf, "JPEG", quality=quality)
     return buf.getvalue()
@@ -221,7 +232,9 @@ def _open_checked(fp: BinaryIO, max_pixels: int) -> Image.Image:
         raise ImageRejected("corrupt", f"header cannot be parsed: {e}") from e
     width, height = img.size
     if width * height > max_pixels:
-        raise ImageRejected("too_large", f"{width}x{height} is {width * height / 1e6:.1f} MP, over the {max_pixels / 1e6:g} MP limit")
+        raise ImageRejected(
+            "too_large", f"{width}x{height} is {width * height / 1e6:.1f} MP, over the {max_pixels / 1e6:g} MP limit"
+        )
     return img
 
 

@@ -18,7 +18,8 @@ from collections.abc import Callable
 from typing import Any
 
 from .progress import Cancelled, CancelToken
-from .store import JobBusy, JobRecord, Store
+from .records import JobRecord
+from .store import JobBusy, Store
 
 # Progress writes are throttled so a fast loop does not hammer SQLite.
 _MIN_UPDATE_INTERVAL = 0.25

@@ -17,10 +17,10 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from .jobs import JobLimitError, JobRunner
-from .project import Candidate
 from .rank import RankContext, make_strategy
+from .records import LabelEvent, ModelRecord
+from .search import Candidate
 from .settings import Limits
-from .store import LabelEvent, ModelRecord
 from .train import TrainConfig
 
 
@@ -109,9 +109,9 @@ class Miner:
             seed=self.seed,
         )
         chosen = self.strategy.query(ctx, n).tolist()
-        by_id = dict(zip(ids.tolist(), scores.tolist())) if scores is not None else {}
         paths = self.store.image_paths(chosen)
-        return [Candidate(i, paths[i], by_id.get(i)) for i in chosen if i in paths]
+        by_id = dict(zip(ids.tolist(), scores.tolist(), strict=True)) if scores is not None else {}  # none before a model
+        return [Candidate(i, paths[i], by_id[i], "score") if i in by_id else Candidate(i, paths[i]) for i in chosen if i in paths]
 
     # -- teach ---------------------------------------------------------------------------
     def decide(self, image_id: int, value: str) -> Decision:

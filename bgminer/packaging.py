@@ -113,7 +113,9 @@ def _quiet_jit() -> Iterator[None]:
         yield
 
 
-def script_classifier(model: BackgroundSplittingModel, backbone: Backbone) -> tuple[torch.jit.ScriptModule, dict[str, torch.Tensor]]:
+def script_classifier(
+    model: BackgroundSplittingModel, backbone: Backbone
+) -> tuple[torch.jit.ScriptModule, dict[str, torch.Tensor]]:
     """The scripted :class:`ExportedClassifier` for ``model`` and its network's plain state dict (CPU)."""
     network = _Network(model, backbone).eval().to(memory_format=torch.channels_last)
     crop = backbone.preprocess.crop
@@ -136,8 +138,6 @@ class ExportResult:
     model: Path  # TorchScript: uint8 images -> probabilities
     metadata: Path  # the same JSON document that is embedded in ``model``
     state_dict: Path  # plain tensors, ``torch.load(weights_only=True)``
-
-
 
 
 def export_metadata(project: Project, record: Any, model: BackgroundSplittingModel, backbone: Backbone) -> dict[str, Any]:
@@ -262,7 +262,9 @@ def read_export_metadata(path: str | Path) -> dict[str, Any]:
             raise ValueError(f"{path} is a damaged model file ({bad} fails its checksum); export it again")
         names = [n for n in archive.namelist() if n.endswith(f"/extra/{EMBEDDED_METADATA}")]
         if not names:
-            raise ValueError(f"{path} is not a bgminer model export (no embedded bgminer metadata; export one with `bgminer export`)")
+            raise ValueError(
+                f"{path} is not a bgminer model export (no embedded bgminer metadata; export one with `bgminer export`)"
+            )
         try:
             metadata = json.loads(archive.read(names[0]))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -371,7 +373,10 @@ def predict(
                 on_skip(str(p), reason)
         if good:
             probs = exported.scores([t for _, t in good])
-            results += [(str(p), {c: float(v) for c, v in zip(categories, row)}) for (p, _), row in zip(good, probs)]
+            results += [
+                (str(p), {c: float(v) for c, v in zip(categories, row, strict=True)})
+                for (p, _), row in zip(good, probs, strict=True)
+            ]
         done += len(batch)
         report(progress, done, len(files), "scoring")
     return results

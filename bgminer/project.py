@@ -7,24 +7,24 @@ share; it composes the engine modules and holds no ML logic of its own.
 
 from __future__ import annotations
 
-import json
-import operator
 import sqlite3
 import threading
-import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from . import category_status
+from .category_status import ReviewStats
 from .feature_cache import CacheBusy, FeatureCache, FolderLock, unmark_zero_rows
 from .jobs import JobRunner
-from .modes import get_mode
-from .progress import Cancelled, CancelToken, ProgressFn
+from .progress import CancelToken, ProgressFn
+from .records import JobRecord, LabelEvent, ModelRecord
+from .search import Candidate, Finder
 from .settings import local_user
-from .store import JobRecord, LabelEvent, ModelRecord, Store
+from .store import Store
 
 if TYPE_CHECKING:  # torch-backed modules load on first use: opening a project (and `bgminer info`) stays light
     from .backbone import Backbone
@@ -50,8 +50,7 @@ class Project:
         self.store.fail_orphaned_models()  # a round whose process was killed stays 'training' otherwise
         self.backbone_name = self.store.get_meta("backbone", "efficientnet_lite0")
         self.backbone_weights = self.store.get_meta("backbone_weights") or None
-        self._indexes: dict[int | None, Any] = {}
-        self._index_lock = threading.Lock()
+        self.finder = Finder(self)
         self._features: FeatureCache | None = None
         self._features_lock = threading.Lock()
         self._feature_folder_lock = FolderLock(self.root / "features" / self.backbone_name)
@@ -110,7 +109,8 @@ class Project:
         with self._features_lock:
             if self._features is None:
                 bb = self.backbone
-                self._features = FeatureCache(self._feature_folder_lock.folder, bb.feature_dim, len(bb.class_names), bb.map_shape, lock=self._feature_folder_lock)
+                lock = self._feature_folder_lock
+                self._features = FeatureCache(lock.folder, bb.feature_dim, len(bb.class_names), bb.map_shape, lock=lock)
             return self._features
 
     # -- corpus --------------------------------------------------------------------------
@@ -125,7 +125,9 @@ class Project:
         """Ingest ``sources`` (see :func:`bgminer.corpus.ingest`); ``data_roots`` None: the settings' roots."""
         from .corpus import ingest
 
-        return ingest(self.store, sources, self.thumbs_dir, self.uploads_dir, progress=progress, cancel=cancel, data_roots=data_roots, **kw)
+        return ingest(
+            self.store, sources, self.thumbs_dir, self.uploads_dir, progress=progress, cancel=cancel, data_roots=data_roots, **kw
+        )
 
     def embed(
         self,
@@ -136,7 +138,9 @@ class Project:
     ) -> EmbedReport:
         from .features import embed_images
 
-        return embed_images(self.store, self.features, self.backbone, batch_size=batch_size, device=device, progress=progress, cancel=cancel)
+        return embed_images(
+            self.store, self.features, self.backbone, batch_size=batch_size, device=device, progress=progress, cancel=cancel
+        )
 
     def thumbnail(self, image_id: int) -> Path:
         from .corpus import thumbnail_path
@@ -183,7 +187,9 @@ class Project:
         """Current positives and negatives per category (every category, zeros included)."""
         return self.store.label_counts()
 
-    def label(self, category: str, image_ids: Sequence[int], value: str, source: str = "user", author: str | None = None) -> list[int]:
+    def label(
+        self, category: str, image_ids: Sequence[int], value: str, source: str = "user", author: str | None = None
+    ) -> list[int]:
         """Record ``author``'s (default: the OS user's) decision for each image; durable (committed) when this returns.
 
         Returns the ids of the label events written.
@@ -202,7 +208,9 @@ class Project:
             (missing.append(str(p)) if image_id is None else ids.append(image_id))
         return ids, missing
 
-    def label_paths(self, category: str, paths: Sequence[str | Path], value: str, source: str = "import", author: str | None = None) -> list[str]:
+    def label_paths(
+        self, category: str, paths: Sequence[str | Path], value: str, source: str = "import", author: str | None = None
+    ) -> list[str]:
         """Label images given by path; returns the paths that are not ingested images."""
         ids, missing = self.image_ids_for_paths(paths)
         if ids:
@@ -217,71 +225,12 @@ class Project:
         progress: ProgressFn | None = None,
         cancel: CancelToken | None = None,
     ) -> ModelRecord:
-        """One round: train (warm-started in the modes that do), re-score the corpus, rebuild the index.
+        """One round (see :func:`bgminer.rounds.train_round`): train, re-score the corpus, rebuild the
+        index; every category with a positive label unless ``categories`` narrows it. A failed or
+        cancelled round leaves the previous version active."""
+        from .rounds import train_round
 
-        Trains every category with a positive label unless ``categories`` narrows it. The new
-        version becomes active only once all of it is on disk; a failed or cancelled round
-        leaves the previous version active.
-        """
-        from .model import build_model, grow_categories, save_checkpoint
-        from .scoring import rescore_version
-        from .train import TrainConfig, build_training_set, train
-
-        config = config or TrainConfig()
-        counts = self.store.label_counts()
-        if categories is None:
-            cats = [c for c, n in counts.items() if n["positive"] > 0]
-        else:
-            cats = [categories] if isinstance(categories, str) else list(categories)
-            for c in cats:
-                self.store.category_id(c)  # unknown category -> clear error
-        if not cats or not any(counts[c]["positive"] for c in cats):
-            raise ValueError("label at least one positive image before training")
-        ids = np.asarray(self.store.image_ids(embedded=True), dtype=np.int64)
-        if len(ids) == 0:
-            raise ValueError("no embedded images yet: ingest and embed a corpus first")
-
-        parent = None
-        if config.warm_start:
-            cat_ids = {self.store.category_id(c) for c in cats}
-            parent = next((m for m in self.store.models() if m.state == "ready" and m.mode == config.mode and set(m.category_ids) <= cat_ids), None)
-        if parent is not None:
-            model = self.load_model(parent.id)
-            cats = list(model.categories) + [c for c in cats if c not in model.categories]
-            if cats != list(model.categories):
-                model = grow_categories(model, cats)
-        else:
-            model = build_model(config.mode, self.backbone, cats, fixed_background_logit=config.fixed_background_logit)
-        model_id = self.store.add_model(cats, config.mode, asdict(config), parent.id if parent else None)
-        started = time.perf_counter()
-        try:
-            inputs = get_mode(config.mode).inputs(self)
-            labels = {k: self.store.labels(c) for k, c in enumerate(cats)}
-            training_set = build_training_set(inputs, labels, ids, self.features.open("logits"), config)
-            def record_losses(epochs) -> None:  # live loss curve for the Train page
-                self.store.update_model(model_id, losses=[asdict(e) for e in epochs])
-
-            result = train(model, training_set, config, progress=progress, cancel=cancel, on_epoch=record_losses)
-            checkpoint = save_checkpoint(result.model, self.models_dir / f"v{model_id:04d}.pt", extra={"model_id": model_id})
-            version = rescore_version(result.model, inputs, ids, self.scores_dir, model_id, device=config.device, cancel=cancel)
-            self._build_index(model_id, version.embeddings(), ids)
-            metrics = _training_metrics(labels, ids, version.scores, cats, result)
-        except Cancelled:
-            self.store.update_model(model_id, state="cancelled", train_seconds=time.perf_counter() - started)
-            raise
-        except Exception as exc:
-            self.store.update_model(model_id, state="failed", error=f"{type(exc).__name__}: {exc}", train_seconds=time.perf_counter() - started)
-            raise
-        self.store.update_model(
-            model_id,
-            state="ready",
-            checkpoint=str(checkpoint.relative_to(self.root)),
-            losses=[asdict(e) for e in result.epochs],
-            label_counts={c: counts[c] for c in cats if c in counts},
-            metrics=metrics,
-            train_seconds=time.perf_counter() - started,
-        )
-        return self.store.model(model_id)
+        return train_round(self, categories, config=config, progress=progress, cancel=cancel)
 
     def rescore(
         self,
@@ -291,25 +240,11 @@ class Project:
         progress: ProgressFn | None = None,
         cancel: CancelToken | None = None,
     ) -> ModelRecord:
-        """Re-score every embedded image with the active model and rebuild its index (after embedding more images).
+        """Re-score every embedded image with the active model and rebuild its index (see
+        :func:`bgminer.rounds.rescore_active`); ``engine="ray"`` runs it on Ray."""
+        from .rounds import rescore_active
 
-        Streams chunk by chunk into the version's memory-mapped folder, in process or on Ray
-        (``engine="ray"``, ``ray_config`` a :class:`bgminer.ray_engine.RayConfig`); the version's
-        old scores and index keep serving until the new ones are complete.
-        """
-        from .scoring import rescore_version
-
-        record = self.store.active_model()
-        if record is None:
-            raise ValueError("no trained model yet: label a few positives and train first")
-        model = self.load_model(record.id)
-        ids = np.asarray(self.store.image_ids(embedded=True), dtype=np.int64)
-        version = rescore_version(
-            model, get_mode(model.mode).inputs(self), ids, self.scores_dir, record.id,
-            engine=engine, ray_config=ray_config, device=device, progress=progress, cancel=cancel,
-        )
-        self._build_index(record.id, version.embeddings(), ids)
-        return record
+        return rescore_active(self, engine=engine, ray_config=ray_config, device=device, progress=progress, cancel=cancel)
 
     def active_model(self, category: str | None = None) -> ModelRecord | None:
         """The version that serves ``category`` (any category when None): the newest ready one."""
@@ -332,7 +267,9 @@ class Project:
             raise ValueError("no trained model yet: label a few positives and train first")
         model = load_checkpoint(self.checkpoint_path(record), self.backbone)
         if len(model.categories) != len(record.categories):
-            raise ProjectError(f"checkpoint of model v{record.id} scores {len(model.categories)} categories, its record {len(record.categories)}")
+            raise ProjectError(
+                f"checkpoint of model v{record.id} scores {len(model.categories)} categories, its record {len(record.categories)}"
+            )
         model.categories = list(record.categories)
         return model
 
@@ -342,7 +279,10 @@ class Project:
             raise ProjectError(f"model v{record.id} has no checkpoint")
         path = (self.root / record.checkpoint).resolve()
         if self.models_dir.resolve() not in path.parents:
-            raise ProjectError(f"model v{record.id}'s checkpoint {record.checkpoint!r} is outside the project's models/ folder; refusing to read it")
+            raise ProjectError(
+                f"model v{record.id}'s checkpoint {record.checkpoint!r} is outside the project's models/ folder;"
+                " refusing to read it"
+            )
         return path
 
     # -- scores and index ----------------------------------------------------------------
@@ -363,107 +303,29 @@ class Project:
         _, version = found
         return version.ids, version.column(category)
 
-    def _index_path(self, model_id: int | None) -> Path:
-        return self.index_dir / ("pretrained.faiss" if model_id is None else f"v{operator.index(model_id):04d}.faiss")
-
-    def _build_index(self, model_id: int | None, vectors: np.ndarray, ids: np.ndarray):
-        from .index import build_index
-
-        index = build_index(np.asarray(vectors, dtype=np.float32), ids)
-        self.index_dir.mkdir(parents=True, exist_ok=True)
-        index.save(self._index_path(model_id))
-        with self._index_lock:
-            self._indexes[model_id] = index
-        return index
-
     def index(self):
-        """The FAISS index over the active model's trunk embeddings (pretrained features before training).
-
-        Loaded from disk once per process; images embedded since it was built are added incrementally.
-        """
-        from .index import VectorIndex
-        from .scoring import read_version
-
-        active = self.store.active_model()
-        model_id = None if active is None else active.id
-        with self._index_lock:
-            index = self._indexes.get(model_id)
-        if index is None:
-            path = self._index_path(model_id)
-            if path.exists():
-                index = VectorIndex.load(path)
-            elif model_id is None:
-                ids = np.asarray(self.store.image_ids(embedded=True), dtype=np.int64)
-                if len(ids) == 0:
-                    raise ValueError("no embedded images yet: ingest and embed a corpus first")
-                return self._build_index(None, self.features.read("pooled", ids), ids)
-            else:
-                version = read_version(self.scores_dir, model_id, active.categories)
-                return self._build_index(model_id, version.embeddings(), version.ids)
-            with self._index_lock:
-                self._indexes[model_id] = index
-        if model_id is None:  # keep the pretrained index in step with newly embedded images
-            have = index.ids()
-            new = np.setdiff1d(np.asarray(self.store.image_ids(embedded=True), dtype=np.int64), have)
-            if len(new):
-                with self._index_lock:
-                    index.add(self.features.read("pooled", new), new)
-                    index.save(self._index_path(None))
-        return index
+        """The FAISS index over the active model's trunk embeddings (pretrained features before training),
+        loaded once per process; see :meth:`bgminer.search.Finder.index`."""
+        return self.finder.index()
 
     def embed_query(self, image_file: str | Path | bytes) -> np.ndarray:
         """Embed an image that is not in the corpus into the active index's space (see :func:`bgminer.modes.embed_query`)."""
-        import io
-
-        import torch
-
-        from .backbone import Preprocess
-        from .imageio import load_rgb, to_tensor_uint8
-        from .modes import embed_query
-
-        source = io.BytesIO(image_file) if isinstance(image_file, bytes) else image_file
-        pixels = Preprocess(self.backbone.preprocess)(to_tensor_uint8(load_rgb(source, draft_size=self.backbone.preprocess.resize)))
-        active = self.store.active_model()
-        model = None if active is None else self.load_model(active.id)
-        with torch.inference_mode():
-            return embed_query(self.backbone, model, pixels[None]).numpy()
-
-    def _candidates(self, ids: Sequence[int], scores: Sequence[float | None]) -> list[Candidate]:
-        paths = self.store.image_paths(ids)
-        return [Candidate(int(i), paths[int(i)], None if s is None else float(s)) for i, s in zip(ids, scores) if int(i) in paths]
+        return self.finder.embed_query(image_file)
 
     # -- finding seeds -------------------------------------------------------------------
-    def search_like(self, image_id: int | None = None, image_file: str | Path | bytes | None = None, n: int = 48) -> list[Candidate]:
+    def search_like(
+        self, image_id: int | None = None, image_file: str | Path | bytes | None = None, n: int = 48
+    ) -> list[Candidate]:
         """Nearest neighbours of a corpus image or of an uploaded image file ("more like this")."""
-        index = self.index()
-        if image_id is not None:
-            query = index.vectors([image_id])
-            exclude = [image_id]
-        elif image_file is not None:
-            query, exclude = self.embed_query(image_file), None
-        else:
-            raise ValueError("search_like needs an image id or an image file")
-        sims, ids = index.search(np.asarray(query, dtype=np.float32), n, exclude_ids=exclude)
-        keep = ids[0] >= 0
-        return self._candidates(ids[0][keep], sims[0][keep])
+        return self.finder.like(image_id=image_id, image_file=image_file, n=n)
 
     def search_text(self, query: str, n: int = 48) -> tuple[list[str], list[Candidate]]:
         """Offline text search over ImageNet class names; returns (matched classes, images)."""
-        from .textsearch import class_probability, match_classes
-
-        matches = match_classes(query)
-        if not matches:
-            return [], []
-        ids = np.asarray(self.store.image_ids(embedded=True), dtype=np.int64)
-        prob = np.concatenate([class_probability(self.features.read("logits", ids[i : i + 8192]), matches) for i in range(0, len(ids), 8192)] or [np.zeros(0)])
-        top = np.argsort(-prob, kind="stable")[:n]
-        return [m.name for m in matches], self._candidates(ids[top], prob[top])
+        return self.finder.text(query, n=n)
 
     def browse(self, n: int = 48, seed: int = 0, offset: int = 0) -> list[Candidate]:
         """Corpus images in a random order that is stable for ``seed`` (for paging)."""
-        ids = np.asarray(self.store.image_ids(), dtype=np.int64)
-        order = np.random.default_rng(seed).permutation(len(ids))[offset : offset + n]
-        return self._candidates(ids[order], [None] * len(order))
+        return self.finder.browse(n=n, seed=seed, offset=offset)
 
     # -- review --------------------------------------------------------------------------
     def ranking_inputs(self, category: str) -> tuple[np.ndarray, np.ndarray | None, Any]:
@@ -479,94 +341,16 @@ class Project:
 
     def review_stats(self, category: str) -> ReviewStats:
         """Decisions made in review for ``category`` (undone ones removed), in order."""
-        from .evaluate import discovery_curve
-
-        events = self.store.label_history(category, limit=1_000_000)[::-1]
-        undone = {e.undoes for e in events if e.undoes is not None}
-        decisions = [e.value == "positive" for e in events if e.source == "review" and e.undoes is None and e.id not in undone]
-        curve = discovery_curve(decisions).tolist()
-        last = decisions[-20:]
-        return ReviewStats(
-            reviewed=len(decisions),
-            found=curve[-1] if curve else 0,
-            precision_last20=(sum(last) / len(last)) if last else None,
-            curve=curve,
-        )
+        return category_status.review_stats(self, category)
 
     def validation_sample(self, category: str, n: int = 30, redraw: bool = False) -> dict[str, Any]:
-        """The importance sample of unreviewed images used to estimate remaining positives.
-
-        Drawn once from the active model's scores (tilted towards high scores, see
-        :mod:`bgminer.evaluate`) and kept until ``redraw``, so it stays fixed while it is labeled.
-        """
-        from .evaluate import draw_validation_sample
-
-        key = f"validation:{self.store.category_id(category)}"  # by id: a rename keeps the sample
-        stored = self.store.get_meta(key)
-        if stored and not redraw:
-            return json.loads(stored)
-        found = self.version_scores(category)
-        if found is None:
-            raise ValueError("train a model first: the validation sample is drawn from its scores")
-        record, version = found
-        labels = self.store.labels(category)
-        unlabeled = ~np.isin(version.ids, np.fromiter(labels, dtype=np.int64, count=len(labels)))
-        pool_ids, pool_scores = version.ids[unlabeled], version.column(category)[unlabeled]
-        rng = np.random.default_rng(record.id)
-        positions, pi = draw_validation_sample(pool_scores, n, rng)
-        sample = {
-            "model_id": record.id,
-            "ids": pool_ids[positions].tolist(),
-            "pi": pi.tolist(),
-            "unreviewed": len(pool_ids),
-            "found": sum(v == "positive" for v in labels.values()),
-            "drawn_at": time.time(),
-        }
-        self.store.set_meta(key, json.dumps(sample))
-        return sample
+        """The importance sample of unreviewed images used to estimate remaining positives, drawn once
+        from the active model's scores and kept until ``redraw`` (see :mod:`bgminer.category_status`)."""
+        return category_status.validation_sample(self, category, n=n, redraw=redraw)
 
     def status(self, category: str) -> dict[str, Any]:
         """How far along the user is: labels, reviews, positives found, estimated positives left."""
-        from .evaluate import estimate_remaining
-
-        labels = self.store.labels(category)
-        positives = sum(v == "positive" for v in labels.values())
-        review = self.review_stats(category)
-        record = self.store.active_model(category)
-        out: dict[str, Any] = {
-            "category": category,
-            "positives": positives,
-            "negatives": len(labels) - positives,
-            "reviewed": review.reviewed,
-            "found_in_review": review.found,
-            "model_version": None if record is None else record.id,
-            "estimate": None,
-        }
-        if record is None:
-            out["estimate_note"] = "train a model to estimate how many positives remain"
-            return out
-        sample = self.validation_sample(category)
-        labeled = [labels.get(i) for i in sample["ids"]]
-        done = sum(v is not None for v in labeled)
-        out["validation_labeled"] = f"{done}/{len(labeled)}"
-        if done < len(labeled):
-            out["estimate_note"] = f"label the {len(labeled) - done} remaining validation images (review strategy 'validate') to estimate what is left"
-            return out
-        est = estimate_remaining(sample["ids"], [v == "positive" for v in labeled], sample["pi"], sample["unreviewed"], found=sample["found"])
-        # The sample estimates the positives that were hidden when it was drawn; positives found since are no longer hidden.
-        total, low_total, high_total = (sample["found"] + x for x in (est.remaining, est.low, est.high))
-        out["estimate"] = {
-            "remaining": max(0.0, total - positives),
-            "remaining_low": max(0.0, low_total - positives),
-            "remaining_high": max(0.0, high_total - positives),
-            "recall": positives / total if total else None,
-            "recall_low": positives / high_total if high_total else None,
-            "recall_high": min(1.0, positives / low_total) if low_total else None,
-            "confidence": est.confidence,
-            "sample_size": est.sample_size,
-            "sample_positives": est.sample_positives,
-        }
-        return out
+        return category_status.status(self, category)
 
     # -- background jobs and project settings -------------------------------------------
     def jobs(self, n: int = 20, active_only: bool = False) -> list[JobRecord]:
@@ -594,7 +378,9 @@ class Project:
             raise ValueError("auto-retrain threshold must be 0 (off) or a positive number of labels")
         self.store.set_meta(AUTO_RETRAIN_META, str(int(labels)))
 
-    def backup(self, dest: str | Path, with_features: bool = False, with_thumbnails: bool = False, progress: ProgressFn | None = None):
+    def backup(
+        self, dest: str | Path, with_features: bool = False, with_thumbnails: bool = False, progress: ProgressFn | None = None
+    ):
         """A consistent copy of the project in the new folder ``dest``, taken while others may write;
         see :mod:`bgminer.backup`. Returns a :class:`bgminer.backup.BackupReport`."""
         from .backup import backup_project
@@ -626,38 +412,10 @@ class CorpusCounts:
     rejected: int  # refused at ingest, kept to tell the user why
 
 
-@dataclass(frozen=True)
-class Candidate:
-    """An image offered to the user, with the score that put it there."""
-
-    image_id: int
-    path: str
-    score: float | None = None
-
-
-@dataclass
-class ReviewStats:
-    reviewed: int
-    found: int
-    precision_last20: float | None
-    curve: list[int] = field(default_factory=list)  # positives found after each review decision
-
-
 def _refuse_inside_uploads(root: Path) -> None:
     """A project folder must not lie in (or be) another project's ``uploads/`` tree, which visitors fill."""
     for folder in (root, *root.parents):
         if folder.name == "uploads" and (folder.parent / DB_NAME).exists():
-            raise ProjectError(f"{root} is inside the uploads folder of the project at {folder.parent}; choose a folder outside it")
-
-
-def _training_metrics(labels: dict[int, dict[int, str]], ids: np.ndarray, scores: np.ndarray, cats: list[str], result) -> dict[str, Any]:
-    """In-sample AP on the labeled images (optimistic; a sanity signal, not a test score)."""
-    from .evaluate import average_precision
-
-    position = {int(i): k for k, i in enumerate(ids)}
-    metrics: dict[str, Any] = {"steps": result.steps, "device": result.device}
-    for k, c in enumerate(cats):
-        rows = [(position[i], v == "positive") for i, v in labels[k].items() if i in position]
-        if rows and any(y for _, y in rows) and not all(y for _, y in rows):
-            metrics[f"train_ap/{c}"] = float(average_precision(np.array([y for _, y in rows]), scores[[r for r, _ in rows], k]))
-    return metrics
+            raise ProjectError(
+                f"{root} is inside the uploads folder of the project at {folder.parent}; choose a folder outside it"
+            )

@@ -88,7 +88,7 @@ class RankContext:
         return ids[np.isin(ids, known)]
 
     def neighbours(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Exact or indexed cosine top-k among available ids: (scores [Q, k], ids [Q, k], -1 padded)."""
+        """Exact or indexed cosine top-k among available ids: (similarities [Q, k], ids [Q, k], -1 padded)."""
         if isinstance(self.embeddings, VectorIndex):
             outside = np.setdiff1d(self.embeddings.ids(), self.ids, assume_unique=True)
             return self.embeddings.search(queries, k, exclude_ids=np.concatenate([self.excluded_ids, outside]))
@@ -188,13 +188,13 @@ class NearestToPositives(Strategy):
         positives = ctx.embedded(ctx.positive_ids) if ctx.embeddings is not None else ctx.positive_ids[:0]
         if len(positives) == 0:
             return RandomStrategy().rank(ctx, limit)
-        scores, ids = ctx.neighbours(ctx.vectors(positives), limit)
-        scores, ids = scores.ravel(), ids.ravel()
+        similarities, ids = ctx.neighbours(ctx.vectors(positives), limit)
+        similarities, ids = similarities.ravel(), ids.ravel()
         valid = ids >= 0
-        scores, ids = scores[valid], ids[valid]
-        best_first = np.lexsort((ids, -scores))
-        unique_ids, first = np.unique(ids[best_first], return_index=True)  # first occurrence = best score
-        return _top(unique_ids, scores[best_first][first], limit)
+        similarities, ids = similarities[valid], ids[valid]
+        best_first = np.lexsort((ids, -similarities))
+        unique_ids, first = np.unique(ids[best_first], return_index=True)  # first occurrence = best similarity
+        return _top(unique_ids, similarities[best_first][first], limit)
 
 
 class _Scored(Strategy):

@@ -72,7 +72,9 @@ class Settings:
     def project_path(self, slug: str) -> Path:
         """The folder of the project called ``slug`` (a short lower-case name, never a path)."""
         if not isinstance(slug, str) or not SLUG.match(slug):
-            raise SettingsError(f"a project name is 1-48 lower-case letters, digits and dashes, starting with a letter or digit (not {slug!r})")
+            raise SettingsError(
+                f"a project name is 1-48 lower-case letters, digits and dashes, starting with a letter or digit (not {slug!r})"
+            )
         return self.projects_root / slug
 
     def list_projects(self) -> list[str]:
@@ -80,7 +82,9 @@ class Settings:
         root = self.projects_root
         if not root.is_dir():
             return []
-        return sorted(p.name for p in root.iterdir() if SLUG.match(p.name) and (p / "bgminer.sqlite").is_file() and not p.is_symlink())
+        return sorted(
+            p.name for p in root.iterdir() if SLUG.match(p.name) and (p / "bgminer.sqlite").is_file() and not p.is_symlink()
+        )
 
     def check_project_folder(self, folder: str | Path) -> Path:
         """``folder`` after realpath, or SettingsError when ``BGMINER_PROJECTS_DIR`` is set and it lies outside."""
@@ -163,8 +167,10 @@ def serving_problem(address: str | None, settings: Settings) -> str | None:
     if settings.signed_in or is_loopback(address):
         return None
     where = f"address {address}" if address else "every network interface"
-    return (f"bgminer refuses to serve on {where} without sign-in: set BGMINER_AUTH=proxy or BGMINER_AUTH=oidc "
-            "(see docs/deploy.md), or bind server.address to 127.0.0.1.")
+    return (
+        f"bgminer refuses to serve on {where} without sign-in: set BGMINER_AUTH=proxy or BGMINER_AUTH=oidc "
+        "(see docs/deploy.md), or bind server.address to 127.0.0.1."
+    )
 
 
 # -- loading ------------------------------------------------------------------------------

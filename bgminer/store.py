@@ -14,136 +14,16 @@ import socket
 import sqlite3
 import threading
 import time
-import unicodedata
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .records import JobRecord, LabelEvent, ModelRecord, job_record, label_event, model_record
+from .schema import LABEL_SOURCES, LABEL_VALUES, StoreError, check_category_name, migrate
 from .settings import local_user
 
-LABEL_VALUES = ("positive", "negative", "cleared")
-LABEL_SOURCES = ("user", "import", "review")
-JOB_STATES = ("queued", "running", "done", "failed", "cancelled")
-CATEGORY_NAME_MAX = 64
-CATEGORY_NAME_PUNCTUATION = " -_.'(),+&"  # besides unicode letters and digits
 INTERRUPTED = "interrupted: the process running it ended"
-
-# Each entry migrates the schema from version i to i+1; never edit a shipped entry.
-MIGRATIONS: list[str] = [
-    """
-    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-    CREATE TABLE images (
-        id INTEGER PRIMARY KEY,
-        path TEXT NOT NULL UNIQUE,
-        sha256 TEXT,
-        size INTEGER,
-        mtime REAL,
-        width INTEGER,
-        height INTEGER,
-        status TEXT NOT NULL CHECK (status IN ('ok', 'rejected')),
-        reason TEXT,
-        detail TEXT,
-        embedded INTEGER NOT NULL DEFAULT 0,
-        added_at REAL NOT NULL
-    );
-    CREATE UNIQUE INDEX images_ok_sha256 ON images (sha256) WHERE status = 'ok';
-    CREATE INDEX images_status ON images (status, embedded);
-    CREATE TABLE categories (
-        id INTEGER PRIMARY KEY,
-        name TEXT NOT NULL UNIQUE,
-        created_at REAL NOT NULL
-    );
-    CREATE TABLE label_events (
-        id INTEGER PRIMARY KEY,
-        image_id INTEGER NOT NULL REFERENCES images (id),
-        category_id INTEGER NOT NULL REFERENCES categories (id),
-        value TEXT NOT NULL CHECK (value IN ('positive', 'negative', 'cleared')),
-        source TEXT NOT NULL CHECK (source IN ('user', 'import', 'review')),
-        author TEXT NOT NULL,
-        created_at REAL NOT NULL,
-        undoes INTEGER REFERENCES label_events (id)
-    );
-    CREATE INDEX label_events_pair ON label_events (category_id, image_id, id);
-    CREATE VIEW current_labels AS
-        SELECT e.image_id, e.category_id, e.value, e.source, e.author, e.created_at
-        FROM label_events e
-        WHERE e.id = (SELECT MAX(id) FROM label_events x
-                      WHERE x.image_id = e.image_id AND x.category_id = e.category_id)
-          AND e.value != 'cleared';
-    CREATE TABLE models (
-        id INTEGER PRIMARY KEY,
-        categories TEXT NOT NULL,
-        mode TEXT NOT NULL,
-        state TEXT NOT NULL CHECK (state IN ('training', 'ready', 'failed', 'cancelled')),
-        config TEXT NOT NULL DEFAULT '{}',
-        label_counts TEXT NOT NULL DEFAULT '{}',
-        losses TEXT NOT NULL DEFAULT '[]',
-        metrics TEXT NOT NULL DEFAULT '{}',
-        parent_id INTEGER REFERENCES models (id),
-        checkpoint TEXT,
-        train_seconds REAL,
-        error TEXT,
-        created_at REAL NOT NULL
-    );
-    CREATE TABLE jobs (
-        id INTEGER PRIMARY KEY,
-        kind TEXT NOT NULL,
-        state TEXT NOT NULL CHECK (state IN ('queued', 'running', 'done', 'failed', 'cancelled')),
-        progress REAL NOT NULL DEFAULT 0,
-        message TEXT NOT NULL DEFAULT '',
-        params TEXT NOT NULL DEFAULT '{}',
-        result TEXT NOT NULL DEFAULT '{}',
-        cancel_requested INTEGER NOT NULL DEFAULT 0,
-        started_at REAL,
-        finished_at REAL,
-        error TEXT
-    );
-    """,
-    # 2: the process running a job, so only jobs whose process died are marked orphaned.
-    """
-    ALTER TABLE jobs ADD COLUMN pid INTEGER;
-    """,
-    # 3: models and validation samples keyed by category id, so a rename carries them; the
-    # process (pid, host) training a model, so a round killed mid-way is failed at the next open.
-    # models.categories keeps the names at training time (the checkpoint's); position k of a
-    # model is category_id's current name. A name that matches no category stays unmapped (NULL).
-    """
-    CREATE TABLE model_categories (
-        model_id INTEGER NOT NULL REFERENCES models (id),
-        position INTEGER NOT NULL,
-        category_id INTEGER REFERENCES categories (id),
-        PRIMARY KEY (model_id, position)
-    );
-    CREATE INDEX model_categories_category ON model_categories (category_id, model_id);
-    INSERT INTO model_categories (model_id, position, category_id)
-        SELECT m.id, CAST(j.key AS INTEGER), (SELECT c.id FROM categories c WHERE c.name = j.value)
-        FROM models m, json_each(m.categories) j;
-    UPDATE meta SET key = 'validation#' || (SELECT c.id FROM categories c WHERE c.name = substr(meta.key, 12))
-        WHERE substr(key, 1, 11) = 'validation:' AND substr(key, 12) IN (SELECT name FROM categories);
-    DELETE FROM meta WHERE substr(key, 1, 11) = 'validation:';
-    UPDATE meta SET key = 'validation:' || substr(key, 12) WHERE substr(key, 1, 11) = 'validation#';
-    ALTER TABLE models ADD COLUMN pid INTEGER;
-    ALTER TABLE models ADD COLUMN host TEXT;
-    """,
-    # 4: review skips per person and category, so a skipped image stays out of that person's
-    # queue across reloads, tabs and the CLI (a skip is no label: others still see the image).
-    """
-    CREATE TABLE skips (
-        category_id INTEGER NOT NULL REFERENCES categories (id),
-        author TEXT NOT NULL,
-        image_id INTEGER NOT NULL REFERENCES images (id),
-        created_at REAL NOT NULL,
-        PRIMARY KEY (category_id, author, image_id)
-    );
-    """,
-]
-SCHEMA_VERSION = len(MIGRATIONS)
-
-
-class StoreError(ValueError):
-    """Bad request against the store (unknown category, unknown image, ...)."""
 
 
 class UndoConflict(StoreError):
@@ -164,87 +44,13 @@ class JobBusy(StoreError):
         self.kind = kind
 
 
-@dataclass(frozen=True)
-class LabelEvent:
-    id: int
-    image_id: int
-    category: str
-    value: str
-    source: str
-    author: str
-    created_at: float
-    undoes: int | None
-
-
-@dataclass(frozen=True)
-class ModelRecord:
-    """A model version. ``categories`` are the current names of the categories it scores, in the
-    checkpoint's column order (a rename shows here); ``category_ids`` the same columns by id
-    (None for a name that matched no category when the store was migrated)."""
-
-    id: int
-    categories: list[str]
-    mode: str
-    state: str
-    config: dict[str, Any]
-    label_counts: dict[str, Any]
-    losses: list[Any]
-    metrics: dict[str, Any]
-    parent_id: int | None
-    checkpoint: str | None
-    train_seconds: float | None
-    error: str | None
-    created_at: float
-    category_ids: list[int | None] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class JobRecord:
-    id: int
-    kind: str
-    state: str
-    progress: float
-    message: str
-    params: dict[str, Any]
-    result: dict[str, Any]
-    cancel_requested: bool
-    started_at: float | None
-    finished_at: float | None
-    error: str | None
-
-    @property
-    def active(self) -> bool:
-        return self.state in ("queued", "running")
-
-
 class Store:
     """Thread-safe handle on a project's SQLite database (one connection per thread)."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self._local = threading.local()
-        self._migrate()
-
-    def _migrate(self) -> None:
-        db = self.db
-        while True:
-            version = db.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise StoreError(f"{self.path} was written by a newer bgminer (schema {version} > {SCHEMA_VERSION})")
-            if version == SCHEMA_VERSION:
-                return
-            db.execute("BEGIN IMMEDIATE")
-            if db.execute("PRAGMA user_version").fetchone()[0] != version:  # another process migrated
-                db.execute("ROLLBACK")
-                continue
-            try:
-                for statement in _split_sql(MIGRATIONS[version]):
-                    db.execute(statement)
-                db.execute(f"PRAGMA user_version = {version + 1}")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
+        migrate(self.db, self.path)
 
     # -- connections ---------------------------------------------------------------------
     @property
@@ -285,7 +91,10 @@ class Store:
 
     def set_meta(self, key: str, value: str) -> None:
         with self.write() as db:
-            db.execute("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value", (key, value))
+            db.execute(
+                "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (key, value),
+            )
 
     # -- images --------------------------------------------------------------------------
     def known_files(self) -> dict[str, tuple[int | None, float | None]]:
@@ -375,7 +184,10 @@ class Store:
     def reject_image(self, image_id: int, reason: str, detail: str) -> None:
         """Mark an ingested image unusable (e.g. the file changed or vanished before embedding)."""
         with self.write() as db:
-            db.execute("UPDATE images SET status = 'rejected', reason = ?, detail = ?, embedded = 0 WHERE id = ?", (reason, detail, image_id))
+            db.execute(
+                "UPDATE images SET status = 'rejected', reason = ?, detail = ?, embedded = 0 WHERE id = ?",
+                (reason, detail, image_id),
+            )
 
     def embedded_count(self) -> int:
         return self.db.execute("SELECT COUNT(*) FROM images WHERE status = 'ok' AND embedded = 1").fetchone()[0]
@@ -422,7 +234,7 @@ class Store:
         source: str = "user",
         author: str | None = None,
     ) -> list[int]:
-        """Append label events ``(image_id, value)`` by ``author`` (default: the OS user); committed (durable) before returning."""
+        """Append label events ``(image_id, value)`` by ``author`` (default: the OS user); durable before returning."""
         author = local_user() if author is None else author
         if source not in LABEL_SOURCES:
             raise StoreError(f"label source must be one of {LABEL_SOURCES}, not {source!r}")
@@ -477,7 +289,7 @@ class Store:
                 " VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (row["image_id"], cid, prev[0] if prev else "cleared", row["source"], author, time.time(), row["id"]),
             )
-        return _label_event(row)
+        return label_event(row)
 
     def labels(self, category: str) -> dict[int, str]:
         """Current label per image id for one category ('positive' / 'negative')."""
@@ -494,7 +306,8 @@ class Store:
     def label_table(self, category: str | None = None) -> list[sqlite3.Row]:
         """Current labels joined with image paths and category names."""
         sql = (
-            "SELECT i.id AS image_id, i.path, c.name AS category, l.value AS label, l.source, l.author, l.created_at AS updated_at"
+            "SELECT i.id AS image_id, i.path, c.name AS category, l.value AS label, l.source, l.author,"
+            " l.created_at AS updated_at"
             " FROM current_labels l JOIN images i ON i.id = l.image_id JOIN categories c ON c.id = l.category_id"
         )
         args: tuple = ()
@@ -506,7 +319,8 @@ class Store:
     def label_counts(self) -> dict[str, dict[str, int]]:
         counts = {name: {"positive": 0, "negative": 0} for name in self.categories()}
         rows = self.db.execute(
-            "SELECT c.name, l.value, COUNT(*) FROM current_labels l JOIN categories c ON c.id = l.category_id GROUP BY c.name, l.value"
+            "SELECT c.name, l.value, COUNT(*) FROM current_labels l JOIN categories c ON c.id = l.category_id"
+            " GROUP BY c.name, l.value"
         )
         for name, value, n in rows:
             counts[name][value] = n
@@ -519,7 +333,7 @@ class Store:
             sql += " WHERE e.category_id = ?"
             args = (self.category_id(category),)
         rows = self.db.execute(sql + f" ORDER BY e.id DESC LIMIT {int(limit)}", args)
-        return [_label_event(r) for r in rows]
+        return [label_event(r) for r in rows]
 
     def add_skips(self, category: str, author: str, image_ids: Sequence[int]) -> None:
         """Remember that ``author`` skipped these images in review for ``category`` (durable on return)."""
@@ -529,11 +343,17 @@ class Store:
             for image_id in image_ids:
                 if db.execute("SELECT 1 FROM images WHERE id = ? AND status = 'ok'", (int(image_id),)).fetchone() is None:
                     raise StoreError(f"no ingested image with id {image_id}")
-                db.execute("INSERT OR IGNORE INTO skips (category_id, author, image_id, created_at) VALUES (?, ?, ?, ?)", (cid, author, int(image_id), now))
+                db.execute(
+                    "INSERT OR IGNORE INTO skips (category_id, author, image_id, created_at) VALUES (?, ?, ?, ?)",
+                    (cid, author, int(image_id), now),
+                )
 
     def skipped(self, category: str, author: str) -> list[int]:
         """The images ``author`` skipped in review for ``category``, ascending."""
-        rows = self.db.execute("SELECT image_id FROM skips WHERE category_id = ? AND author = ? ORDER BY image_id", (self.category_id(category), author))
+        rows = self.db.execute(
+            "SELECT image_id FROM skips WHERE category_id = ? AND author = ? ORDER BY image_id",
+            (self.category_id(category), author),
+        )
         return [r[0] for r in rows]
 
     # -- models --------------------------------------------------------------------------
@@ -549,7 +369,8 @@ class Store:
             model_id = db.execute(
                 "INSERT INTO models (categories, mode, state, config, parent_id, created_at, pid, host)"
                 " VALUES (?, ?, 'training', ?, ?, ?, ?, ?)",
-                (json.dumps(list(categories)), mode, json.dumps(config), parent_id, time.time(), os.getpid(), socket.gethostname()),
+                (json.dumps(list(categories)), mode, json.dumps(config), parent_id, time.time(), os.getpid(),
+                 socket.gethostname()),
             ).lastrowid
             db.executemany(
                 "INSERT INTO model_categories (model_id, position, category_id) VALUES (?, ?, ?)",
@@ -558,7 +379,8 @@ class Store:
             return model_id
 
     def update_model(self, model_id: int, **fields: Any) -> None:
-        cols = {k: json.dumps(v, default=str) if k in ("config", "label_counts", "losses", "metrics") else v for k, v in fields.items()}
+        as_json = ("config", "label_counts", "losses", "metrics")
+        cols = {k: json.dumps(v, default=str) if k in as_json else v for k, v in fields.items()}
         with self.write() as db:
             db.execute(f"UPDATE models SET {', '.join(f'{k} = ?' for k in cols)} WHERE id = ?", (*cols.values(), model_id))
 
@@ -584,7 +406,7 @@ class Store:
             _, columns = grouped.setdefault(r["id"], (r, []))
             if r["mc_position"] is not None:
                 columns.append((r["mc_position"], r["mc_category_id"], r["mc_name"]))
-        return [_model_record(r, columns) for r, columns in grouped.values()]
+        return [model_record(r, columns) for r, columns in grouped.values()]
 
     def active_model(self, category: str | None = None) -> ModelRecord | None:
         """The newest ready model version (that scores ``category``, matched by id, when given)."""
@@ -603,7 +425,10 @@ class Store:
         dead = [r["id"] for r in rows if r["pid"] is None or (r["host"] in (None, host) and not _process_alive(r["pid"]))]
         if dead:
             with self.write() as db:
-                db.executemany("UPDATE models SET state = 'failed', error = ? WHERE id = ? AND state = 'training'", [(reason, i) for i in dead])
+                db.executemany(
+                    "UPDATE models SET state = 'failed', error = ? WHERE id = ? AND state = 'training'",
+                    [(reason, i) for i in dead],
+                )
         return len(dead)
 
     # -- jobs ----------------------------------------------------------------------------
@@ -614,10 +439,14 @@ class Store:
         with self.write() as db:
             if exclusive:
                 marks = ", ".join("?" * len(exclusive))
-                rows = db.execute(f"SELECT id, kind, pid FROM jobs WHERE state IN ('queued', 'running') AND kind IN ({marks})", tuple(exclusive))
+                rows = db.execute(
+                    f"SELECT id, kind, pid FROM jobs WHERE state IN ('queued', 'running') AND kind IN ({marks})",
+                    tuple(exclusive),
+                )
                 busy = next((r for r in rows if r["pid"] is not None and _process_alive(r["pid"])), None)
                 if busy is not None:
-                    raise JobBusy(f"a {busy['kind']} job (#{busy['id']}) is already running on this project", busy["id"], busy["kind"])
+                    message = f"a {busy['kind']} job (#{busy['id']}) is already running on this project"
+                    raise JobBusy(message, busy["id"], busy["kind"])
             return db.execute(
                 "INSERT INTO jobs (kind, state, params, started_at, pid) VALUES (?, 'queued', ?, ?, ?)",
                 (kind, json.dumps(params or {}, default=str), time.time(), os.getpid()),
@@ -638,13 +467,13 @@ class Store:
         row = self.db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
         if row is None:
             raise StoreError(f"no job {job_id}")
-        return _job_record(row)
+        return job_record(row)
 
     def jobs(self, limit: int = 20, active_only: bool = False) -> list[JobRecord]:
         sql = "SELECT * FROM jobs"
         if active_only:
             sql += " WHERE state IN ('queued', 'running')"
-        return [_job_record(r) for r in self.db.execute(sql + f" ORDER BY id DESC LIMIT {int(limit)}")]
+        return [job_record(r) for r in self.db.execute(sql + f" ORDER BY id DESC LIMIT {int(limit)}")]
 
     def fail_orphaned_jobs(self, reason: str = INTERRUPTED) -> int:
         """Mark failed the jobs left queued/running by a process that no longer exists; returns how many."""
@@ -658,25 +487,6 @@ class Store:
         return len(dead)
 
 
-def check_category_name(name: str) -> str:
-    """``name`` stripped, or StoreError unless it is 1-64 unicode letters, digits, spaces and ``- _ . ' ( ) , + &``."""
-    name = name.strip() if isinstance(name, str) else ""
-    if not name:
-        raise StoreError("a category needs a non-empty name")
-    if len(name) > CATEGORY_NAME_MAX:
-        raise StoreError(f"a category name has at most {CATEGORY_NAME_MAX} characters ({len(name)} given)")
-    bad = sorted({ch for ch in name if not _name_char(ch)})
-    if bad:
-        shown = " ".join(repr(ch) for ch in bad)
-        raise StoreError(f"a category name may hold letters, digits, spaces and {' '.join(CATEGORY_NAME_PUNCTUATION.strip())} only, not {shown}")
-    return name
-
-
-def _name_char(ch: str) -> bool:
-    kind = unicodedata.category(ch)
-    return kind.startswith("L") or kind == "Nd" or ch in CATEGORY_NAME_PUNCTUATION
-
-
 def _process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -685,55 +495,3 @@ def _process_alive(pid: int) -> bool:
     except PermissionError:  # exists, owned by someone else
         return True
     return True
-
-
-def _split_sql(script: str) -> list[str]:
-    statements, current = [], ""
-    for line in script.splitlines(keepends=True):
-        current += line
-        if sqlite3.complete_statement(current):
-            statements.append(current.strip())
-            current = ""
-    return [s for s in statements if s]
-
-
-def _label_event(row: sqlite3.Row) -> LabelEvent:
-    return LabelEvent(row["id"], row["image_id"], row["category"], row["value"], row["source"], row["author"], row["created_at"], row["undoes"])
-
-
-def _model_record(row: sqlite3.Row, columns: list[tuple[int, int | None, str | None]]) -> ModelRecord:
-    """``columns``: (position, category id, current name) from model_categories; unmapped ones keep the trained name."""
-    trained = json.loads(row["categories"])
-    current = {position: (cid, name) for position, cid, name in columns}
-    return ModelRecord(
-        id=row["id"],
-        categories=[current.get(k, (None, None))[1] or trained[k] for k in range(len(trained))],
-        mode=row["mode"],
-        state=row["state"],
-        config=json.loads(row["config"]),
-        label_counts=json.loads(row["label_counts"]),
-        losses=json.loads(row["losses"]),
-        metrics=json.loads(row["metrics"]),
-        parent_id=row["parent_id"],
-        checkpoint=row["checkpoint"],
-        train_seconds=row["train_seconds"],
-        error=row["error"],
-        created_at=row["created_at"],
-        category_ids=[current.get(k, (None, None))[0] for k in range(len(trained))],
-    )
-
-
-def _job_record(row: sqlite3.Row) -> JobRecord:
-    return JobRecord(
-        id=row["id"],
-        kind=row["kind"],
-        state=row["state"],
-        progress=row["progress"],
-        message=row["message"],
-        params=json.loads(row["params"]),
-        result=json.loads(row["result"]),
-        cancel_requested=bool(row["cancel_requested"]),
-        started_at=row["started_at"],
-        finished_at=row["finished_at"],
-        error=row["error"],
-    )

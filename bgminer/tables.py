@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Any, BinaryIO, TextIO
 import numpy as np
 
 from .fsutil import atomic_path
+from .schema import StoreError
 from .settings import local_user
-from .store import StoreError
 
 if TYPE_CHECKING:
     from .project import Project
@@ -44,7 +44,7 @@ def _score_lookup(project: Project, category: str) -> dict[int, float]:
     if found is None:
         return {}
     ids, scores = found
-    return dict(zip(ids.tolist(), scores.tolist()))
+    return dict(zip(ids.tolist(), scores.tolist(), strict=True))
 
 
 def label_rows(project: Project, category: str | None = None) -> list[dict[str, Any]]:
@@ -94,7 +94,9 @@ def write_labels_csv(project: Project, path_or_buffer: str | Path | TextIO, cate
     def write(f: TextIO) -> None:
         writer = csv.DictWriter(f, fieldnames=LABEL_COLUMNS, lineterminator="\n")
         writer.writeheader()
-        writer.writerows({**{k: cell(v) for k, v in r.items()}, "score": "" if r["score"] is None else repr(r["score"])} for r in rows)
+        writer.writerows(
+            {**{k: cell(v) for k, v in r.items()}, "score": "" if r["score"] is None else repr(r["score"])} for r in rows
+        )
 
     if isinstance(path_or_buffer, (str, Path)):
         with atomic_path(Path(path_or_buffer).expanduser()) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
@@ -291,7 +293,9 @@ def export_folders(
     plan: dict[str, list[tuple[int, str]]] = {}
     for category in cats:
         labels = store.labels(category)
-        wanted = [("positive", _folder_name(category))] + ([("negative", _folder_name(category) + NEGATIVE_SUFFIX)] if include_negatives else [])
+        wanted = [("positive", _folder_name(category))] + (
+            [("negative", _folder_name(category) + NEGATIVE_SUFFIX)] if include_negatives else []
+        )
         for value, folder in wanted:
             if folder in plan:
                 raise ValueError(f"two categories map to the folder {folder!r}; rename one first")

@@ -57,7 +57,7 @@ def save_uploads(uploads_dir: Path, files: Sequence[tuple[str, bytes | BinaryIO]
         result.refused = [(name, whole) for name, _ in files]
         return result
     used = tree_bytes(uploads_dir)
-    for (name, content), size in zip(files, sizes):
+    for (name, content), size in zip(files, sizes, strict=True):
         try:
             saved = _save_one(uploads_dir, name, content, size, limits, used)
         except (UploadRefused, DiskSpaceError) as e:
@@ -92,7 +92,10 @@ def _submit_problem(n_files: int, n_bytes: int, limits: Limits) -> str | None:
     if n_files > limits.upload_submit_files:
         return f"{n_files} files in one submit, over the limit of {limits.upload_submit_files}; add them in smaller batches"
     if n_bytes > limits.upload_submit_bytes:
-        return f"{n_bytes / MiB:.0f} MiB in one submit, over the limit of {limits.upload_submit_bytes / MiB:.0f} MiB; add them in smaller batches"
+        return (
+            f"{n_bytes / MiB:.0f} MiB in one submit, over the limit of "
+            f"{limits.upload_submit_bytes / MiB:.0f} MiB; add them in smaller batches"
+        )
     return None
 
 
@@ -107,7 +110,13 @@ def _save_one(uploads_dir: Path, name: str, content: bytes | BinaryIO, size: int
     if PurePosixPath(name.replace("\\", "/")).suffix.lower() == ".zip":
         tmp, _ = _write_temp(web, content, ".zip")
         try:
-            return extract_zip(tmp, uploads_dir, replace(limits, archive_bytes=min(limits.archive_bytes, room)), stem=ZIP_STEM, label=PurePosixPath(name.replace("\\", "/")).name)
+            return extract_zip(
+                tmp,
+                uploads_dir,
+                replace(limits, archive_bytes=min(limits.archive_bytes, room)),
+                stem=ZIP_STEM,
+                label=PurePosixPath(name.replace("\\", "/")).name,
+            )
         except IngestError as e:
             raise UploadRefused(str(e)) from e
         finally:
@@ -159,4 +168,3 @@ def _size(content: bytes | BinaryIO) -> int:
     size = content.tell()
     content.seek(0)
     return size
-

@@ -71,4 +71,4 @@ def train_and_export(root: Path) -> Trained:
 def app_scores(project: Project) -> dict[str, float]:
     ids, scores = project.scores(CATEGORY)
     paths = project.store.image_paths(ids.tolist())
-    return {str(Path(paths[int(i)]).resolve()): float(s) for i, s in zip(ids, scores)}
+    return {str(Path(paths[int(i)]).resolve()): float(s) for i, s in zip(ids, scores, strict=True)}

@@ -211,7 +211,10 @@ def test_a_folder_outside_the_data_roots_is_refused_alike_whether_it_exists_or_n
     monkeypatch.setenv("BGMINER_DATA_ROOTS", str(inside))
     existing = add_folder(demo.root, outside)
     missing = add_folder(demo.root, tmp_path / "no-such-folder")
-    said = [texts(at.error).replace(code(str(path)), "PATH") for at, path in ((existing, outside), (missing, tmp_path / "no-such-folder"))]
+    said = [
+        texts(at.error).replace(code(str(path)), "PATH")
+        for at, path in ((existing, outside), (missing, tmp_path / "no-such-folder"))
+    ]
     assert "outside the data roots" in said[0]
     assert said[0] == said[1]
     assert not demo.store.jobs()
@@ -252,7 +255,9 @@ def test_two_uploads_with_the_same_name_both_arrive(demo):
 def test_an_upload_over_the_file_count_limit_is_refused_whole(demo, monkeypatch):
     monkeypatch.setenv("BGMINER_MAX_SUBMIT_FILES", "1")
     at = app(demo.root)
-    at.file_uploader(key="corpus_upload").set_value([("a.png", png_bytes((1, 2, 3)), "image/png"), ("b.png", png_bytes((4, 5, 6)), "image/png")])
+    at.file_uploader(key="corpus_upload").set_value(
+        [("a.png", png_bytes((1, 2, 3)), "image/png"), ("b.png", png_bytes((4, 5, 6)), "image/png")]
+    )
     at.button(key="corpus_add_upload").click().run()
     assert "Refused 2 of 2 files" in texts(at.error)
     assert not demo.store.jobs()
@@ -275,7 +280,9 @@ def test_a_decision_on_an_image_someone_else_labeled_meanwhile_says_so(trained, 
     trained.label(DEMO_CATEGORY, [first], "positive", author=USER)
     at.button(key="review-negative").click().run()
     assert trained.store.labels(DEMO_CATEGORY)[first] == "negative"
-    assert [t.value for t in at.toast] == [f"{md_escape(USER)} had labeled #{first} positive meanwhile; your negative replaces it."]
+    assert [t.value for t in at.toast] == [
+        f"{md_escape(USER)} had labeled #{first} positive meanwhile; your negative replaces it."
+    ]
 
 
 def test_own_undo_in_review_still_works_when_signed_in(trained, signed_in):

@@ -24,13 +24,22 @@ from bgminer.store import Store
 CHROMIUM = Path("/usr/bin/chromium")
 REPO = Path(__file__).resolve().parent.parent
 ARTIFACTS = REPO / "test-artifacts"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 WAIT_MS = 60_000
 TRAIN_WAIT_MS = 300_000  # one adapter round; seconds on an idle laptop, minutes on a loaded 2-core box
 
 pytestmark = [
     pytest.mark.browser,
-    pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian Chromium (/usr/bin/chromium) is not installed; `make system-deps` installs it"),
+    pytest.mark.skipif(
+        not CHROMIUM.exists(), reason="Debian Chromium (/usr/bin/chromium) is not installed; `make system-deps` installs it"
+    ),
 ]
 playwright = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
 
@@ -52,11 +61,28 @@ def app_url(demo_project, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
-    command = [sys.executable, "-m", "streamlit", "run", str(REPO / "app.py"), "--server.port", str(port), "--server.address", "127.0.0.1",
-               "--server.headless", "true", "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none"]
+    command = [
+        sys.executable,
+        "-m",
+        "streamlit",
+        "run",
+        str(REPO / "app.py"),
+        "--server.port",
+        str(port),
+        "--server.address",
+        "127.0.0.1",
+        "--server.headless",
+        "true",
+        "--browser.gatherUsageStats",
+        "false",
+        "--server.fileWatcherType",
+        "none",
+    ]
     log_path = tmp_path / "streamlit.log"
     with open(log_path, "w") as log:
-        server = subprocess.Popen(command, cwd=REPO, env={**os.environ, "BGMINER_PROJECT": str(project)}, stdout=log, stderr=subprocess.STDOUT)
+        server = subprocess.Popen(
+            command, cwd=REPO, env={**os.environ, "BGMINER_PROJECT": str(project)}, stdout=log, stderr=subprocess.STDOUT
+        )
         try:
             deadline = time.monotonic() + 60
             while not _healthy(url):
@@ -127,8 +153,12 @@ def test_label_train_and_review_with_the_keyboard(page, app_url):
     page.get_by_text(re.compile("Matched .* ImageNet classes")).wait_for()
     settle(page)
     store = Store(project / "bgminer.sqlite")
-    shown = [int(k.split("-")[-1]) for k in page.locator("[class*='st-key-find-positive-']").evaluate_all(
-        "els => els.map(e => [...e.classList].find(c => c.startsWith('st-key-find-positive-')))")]
+    shown = [
+        int(k.split("-")[-1])
+        for k in page.locator("[class*='st-key-find-positive-']").evaluate_all(
+            "els => els.map(e => [...e.classList].find(c => c.startsWith('st-key-find-positive-')))"
+        )
+    ]
     seeds = [i for i in shown if Path(store.image(i)["path"]).name in animals][:4]
     assert seeds, "the text search should surface some demo animals"
     for image_id in seeds:
@@ -155,7 +185,8 @@ def test_label_train_and_review_with_the_keyboard(page, app_url):
         image_id = current_review_id(page)
         page.keyboard.press(key)
         page.wait_for_function(
-            "id => !document.querySelector('.st-key-review-current [data-testid=stCaptionContainer]')?.innerText.startsWith('#' + id + ' ')",
+            "id => !document.querySelector('.st-key-review-current "
+            "[data-testid=stCaptionContainer]')?.innerText.startsWith('#' + id + ' ')",
             arg=image_id,
         )
         settle(page)
@@ -164,14 +195,16 @@ def test_label_train_and_review_with_the_keyboard(page, app_url):
     last = image_id
     page.keyboard.press("Backspace")
     page.wait_for_function(
-        "id => document.querySelector('.st-key-review-current [data-testid=stCaptionContainer]')?.innerText.startsWith('#' + id + ' ')",
+        "id => document.querySelector('.st-key-review-current "
+        "[data-testid=stCaptionContainer]')?.innerText.startsWith('#' + id + ' ')",
         arg=last,
     )
     settle(page)
     assert last not in store.labels(DEMO_CATEGORY)
     page.keyboard.press("y")
     page.wait_for_function(
-        "id => !document.querySelector('.st-key-review-current [data-testid=stCaptionContainer]')?.innerText.startsWith('#' + id + ' ')",
+        "id => !document.querySelector('.st-key-review-current "
+        "[data-testid=stCaptionContainer]')?.innerText.startsWith('#' + id + ' ')",
         arg=last,
     )
     settle(page)

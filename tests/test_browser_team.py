@@ -27,7 +27,9 @@ small_demo = test_app.small_demo  # the 50-image demo slice, embedded, built onc
 
 pytestmark = [
     pytest.mark.browser,
-    pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian Chromium (/usr/bin/chromium) is not installed; `make system-deps` installs it"),
+    pytest.mark.skipif(
+        not CHROMIUM.exists(), reason="Debian Chromium (/usr/bin/chromium) is not installed; `make system-deps` installs it"
+    ),
 ]
 playwright = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
 
@@ -43,8 +45,23 @@ def team_server(small_demo, tmp_path):
     url = f"http://127.0.0.1:{port}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("BGMINER_")}
     env.update(BGMINER_AUTH="proxy", BGMINER_ADMINS=ALICE, BGMINER_PROJECTS_DIR=str(project.parent), BGMINER_PROJECT=str(project))
-    command = [sys.executable, "-m", "streamlit", "run", str(REPO / "app.py"), "--server.port", str(port), "--server.address", "127.0.0.1",
-               "--server.headless", "true", "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none"]
+    command = [
+        sys.executable,
+        "-m",
+        "streamlit",
+        "run",
+        str(REPO / "app.py"),
+        "--server.port",
+        str(port),
+        "--server.address",
+        "127.0.0.1",
+        "--server.headless",
+        "true",
+        "--browser.gatherUsageStats",
+        "false",
+        "--server.fileWatcherType",
+        "none",
+    ]
     log_path = tmp_path / "streamlit.log"
     with open(log_path, "w") as log:
         server = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)

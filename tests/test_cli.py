@@ -28,7 +28,9 @@ def test_info_imports_no_heavy_module(tmp_path):
         "print(json.dumps({'rc': rc, 'modules': sorted(sys.modules)}))\n"
     )
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "project")], capture_output=True, text=True, env=env, timeout=120, check=False)
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "project")], capture_output=True, text=True, env=env, timeout=120, check=False
+    )
     assert done.returncode == 0, done.stderr
     info, report = (json.loads(line) for line in done.stdout.splitlines())
     assert report["rc"] == 0 and info["images"] == 0

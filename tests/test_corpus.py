@@ -142,7 +142,9 @@ def test_same_content_in_a_later_run_is_a_duplicate_of_the_stored_original(proje
     run(project, [tmp_path / "a"])
     report = run(project, [tmp_path / "b"])
     assert report.duplicates == 1
-    assert report.rejected_files == [(str((tmp_path / "b" / "again.png").resolve()), "duplicate", f"same content as {original.resolve()}")]
+    assert report.rejected_files == [
+        (str((tmp_path / "b" / "again.png").resolve()), "duplicate", f"same content as {original.resolve()}")
+    ]
 
 
 def test_symlinked_folder_loops_are_walked_once(project, tmp_path):
@@ -185,7 +187,10 @@ def test_zip_contents_are_extracted_into_uploads_and_ingested_once(project, tmp_
     (extracted,) = uploads.resolve().iterdir()
     assert extracted.name.startswith("batch-") and len(extracted.name) == len("batch-") + 16
     assert (first.added, first.total_seen) == (2, 2)
-    assert sorted(project[0].image_paths(project[0].image_ids()).values()) == [str(extracted / "sub" / "inner.png"), str(extracted / "top.png")]
+    assert sorted(project[0].image_paths(project[0].image_ids()).values()) == [
+        str(extracted / "sub" / "inner.png"),
+        str(extracted / "top.png"),
+    ]
     assert (second.added, second.skipped_known) == (0, 2)
 
 

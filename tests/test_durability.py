@@ -47,7 +47,9 @@ def expected_pooled(project: Project, ids: list[int]) -> np.ndarray:
 
     bb = project.backbone
     paths = project.store.image_paths(ids)
-    pixels = torch.stack([Preprocess(bb.preprocess)(to_tensor_uint8(load_rgb(paths[i], draft_size=bb.preprocess.resize))) for i in ids])
+    pixels = torch.stack(
+        [Preprocess(bb.preprocess)(to_tensor_uint8(load_rgb(paths[i], draft_size=bb.preprocess.resize))) for i in ids]
+    )
     with torch.inference_mode():
         return bb.net.forward_features(pixels).numpy()
 
@@ -107,7 +109,9 @@ def test_two_embeddings_one_killed_mid_growth_leave_no_zero_row_marked_embedded(
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     paused, go = tmp_path / "paused", tmp_path / "go"
 
-    holder = subprocess.Popen([sys.executable, "-c", EMBEDDER_PAUSED_AFTER_FIRST_BATCH, str(project.root), str(paused), str(go)], env=env)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", EMBEDDER_PAUSED_AFTER_FIRST_BATCH, str(project.root), str(paused), str(go)], env=env
+    )
     try:
         deadline = time.monotonic() + 600
         while not paused.exists():  # the first embedding has written one batch and holds its maps open
@@ -120,7 +124,9 @@ def test_two_embeddings_one_killed_mid_growth_leave_no_zero_row_marked_embedded(
         keep_only(project.store, new, keep_later)
         assert max(keep_later) >= 1024
 
-        killed = subprocess.run([sys.executable, "-c", EMBEDDER_KILLED_MID_GROWTH, str(project.root)], env=env, capture_output=True, check=False)
+        killed = subprocess.run(
+            [sys.executable, "-c", EMBEDDER_KILLED_MID_GROWTH, str(project.root)], env=env, capture_output=True, check=False
+        )
         assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()[-2000:]
         go.touch()
         assert holder.wait(timeout=600) == 0
@@ -137,7 +143,12 @@ def test_two_embeddings_one_killed_mid_growth_leave_no_zero_row_marked_embedded(
     assert again.store.image_ids(embedded=True) == again.store.image_ids() == sorted(everything)
     np.testing.assert_allclose(again.features.read("pooled", everything), expected_pooled(again, everything), atol=1e-4)
     assert again.embed().embedded == 0
-    assert sorted(p.name for p in again.features.root.iterdir()) == [".lock", "logits.npy", "maps.npy", "pooled.npy"]  # no growth copy left
+    assert sorted(p.name for p in again.features.root.iterdir()) == [
+        ".lock",
+        "logits.npy",
+        "maps.npy",
+        "pooled.npy",
+    ]  # no growth copy left
 
 
 @pytest.fixture
@@ -253,7 +264,9 @@ def test_before_and_after_each_rename_and_delete_of_a_commit_readers_see_whole_s
 
             return step
 
-        return types.SimpleNamespace(**{n: wrap(getattr(module, n)) if n in names else getattr(module, n) for n in dir(module) if not n.startswith("__")})
+        return types.SimpleNamespace(
+            **{n: wrap(getattr(module, n)) if n in names else getattr(module, n) for n in dir(module) if not n.startswith("__")}
+        )
 
     monkeypatch.setattr(scoring, "os", observed(os, ["rename", "replace", "unlink"]))
     monkeypatch.setattr(scoring, "shutil", observed(scoring.shutil, ["rmtree", "move"]))

@@ -93,13 +93,13 @@ def test_nlist_rule_is_four_sqrt_n_capped_by_training_points():
 
 
 # -- search -----------------------------------------------------------------------------------
-def test_exact_search_returns_cosine_scores_best_first_under_caller_ids():
+def test_exact_search_returns_cosine_similarities_best_first_under_caller_ids():
     x = clustered(500)
     index = build_index(x, ids_for(500), kind="exact")
-    scores, ids = index.search(x[:3] * 7.0, 5)  # query scale does not matter: cosine
+    similarities, ids = index.search(x[:3] * 7.0, 5)  # query scale does not matter: cosine
     assert ids[:, 0].tolist() == ids_for(500)[:3].tolist()
-    np.testing.assert_allclose(scores[:, 0], 1.0, atol=1e-5)
-    assert (np.diff(scores, axis=1) <= 1e-6).all()
+    np.testing.assert_allclose(similarities[:, 0], 1.0, atol=1e-5)
+    assert (np.diff(similarities, axis=1) <= 1e-6).all()
 
 
 @pytest.mark.parametrize("kind", ["ivf", "ivfpq"])
@@ -109,13 +109,13 @@ def test_ivf_backends_at_full_nprobe_return_the_exact_top_results(tmp_path, kind
     exact = build_index(x, ids_for(3000), kind="exact")
     settings = {"nlist": 30, "nprobe": 30} | ({"reduce_dim": None} if kind == "ivf" else {})
     index = build_index(x, ids_for(3000), kind=kind, config=config_for(kind, tmp_path, **settings))
-    exact_scores, exact_ids = exact.search(queries, 10)
-    scores, ids = index.search(queries, 10)
-    # the rerank copy is float16: near-ties may swap, so compare the float32 scores of what was returned
+    exact_similarities, exact_ids = exact.search(queries, 10)
+    similarities, ids = index.search(queries, 10)
+    # the rerank copy is float16: near-ties may swap, so compare the float32 similarities of what was returned
     unit_queries = queries / np.linalg.norm(queries, axis=1, keepdims=True)
-    rescored = np.einsum("qkd,qd->qk", exact.vectors(ids.ravel()).reshape(20, 10, -1), unit_queries)
-    np.testing.assert_allclose(rescored, exact_scores, atol=2e-3)
-    np.testing.assert_allclose(scores, exact_scores, atol=2e-3)
+    recomputed = np.einsum("qkd,qd->qk", exact.vectors(ids.ravel()).reshape(20, 10, -1), unit_queries)
+    np.testing.assert_allclose(recomputed, exact_similarities, atol=2e-3)
+    np.testing.assert_allclose(similarities, exact_similarities, atol=2e-3)
     assert recall_at_k(ids, exact_ids) >= 0.98
 
 
@@ -139,9 +139,9 @@ def test_add_after_build_finds_new_vectors_without_retraining(tmp_path, kind):
     index.add(new, new_ids)
     assert len(index) == 2030 and (index.nlist, index.nprobe) == (nlist, nprobe)
     np.testing.assert_array_equal(faiss.extract_index_ivf(index._probe).quantizer.reconstruct_n(0, nlist), centroids)
-    scores, ids = index.search(new, 1)
+    similarities, ids = index.search(new, 1)
     assert ids[:, 0].tolist() == new_ids.tolist()
-    np.testing.assert_allclose(scores[:, 0], 1.0, atol=2e-3)
+    np.testing.assert_allclose(similarities[:, 0], 1.0, atol=2e-3)
 
 
 @pytest.mark.parametrize("kind", ALL_KINDS)
@@ -159,9 +159,9 @@ def test_excluded_ids_are_never_returned(tmp_path, kind):
 def test_missing_results_are_padded_with_minus_one_and_minus_inf(kind):
     x = clustered(50)
     index = build_index(x, ids_for(50), kind=kind, config=IVFConfig(nlist=2, nprobe=2, reduce_dim=None))
-    scores, ids = index.search(x[:2], 60)
+    similarities, ids = index.search(x[:2], 60)
     assert (ids[:, :50] >= 0).all() and (ids[:, 50:] == -1).all()
-    assert np.isneginf(scores[:, 50:]).all()
+    assert np.isneginf(similarities[:, 50:]).all()
 
 
 @pytest.mark.parametrize("kind", ALL_KINDS)
@@ -252,9 +252,9 @@ def test_files_written_before_the_index_became_a_package_still_load(tmp_path, ki
     index = VectorIndex.load(tmp_path / "v1" / f"{kind}.faiss")
     assert index.kind == kind and len(index) == 295  # 300 indexed, 5 removed before saving
     assert index.describe() == str(expected[f"{kind}_describe"])
-    scores, ids = index.search(expected["queries"], 5)
+    similarities, ids = index.search(expected["queries"], 5)
     np.testing.assert_array_equal(ids, expected[f"{kind}_ids"])
-    np.testing.assert_allclose(scores, expected[f"{kind}_scores"], atol=1e-6)
+    np.testing.assert_allclose(similarities, expected[f"{kind}_scores"], atol=1e-6)  # key of the v1 fixture file
 
 
 @pytest.mark.parametrize("kind", ALL_KINDS)

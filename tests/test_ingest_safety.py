@@ -203,7 +203,9 @@ def test_an_archive_is_not_unpacked_into_the_disk_reserve(tmp_path):
 
 
 def test_the_reserve_is_checked_again_while_unpacking_and_nothing_partial_is_left(tmp_path, monkeypatch):
-    archive = make_zip(tmp_path / "big.zip", {"a.bin": os.urandom(3 * 2**20)} | {f"{i}.bin": os.urandom(6 * 2**20) for i in range(3)})
+    archive = make_zip(
+        tmp_path / "big.zip", {"a.bin": os.urandom(3 * 2**20)} | {f"{i}.bin": os.urandom(6 * 2**20) for i in range(3)}
+    )
     real = shutil.disk_usage
     calls = []
 
@@ -352,6 +354,8 @@ def test_the_project_limit_counts_what_is_already_stored(tmp_path):
 
 
 def test_uploads_keep_the_disk_reserve(tmp_path):
-    result = save_uploads(tmp_path / "uploads", [("a.png", png_bytes(1))], Limits(disk_reserve_bytes=free_bytes(tmp_path) + 2**30))
+    result = save_uploads(
+        tmp_path / "uploads", [("a.png", png_bytes(1))], Limits(disk_reserve_bytes=free_bytes(tmp_path) + 2**30)
+    )
     assert result.saved == [] and "must stay free" in result.refused[0][1]
     assert not (tmp_path / "uploads").exists()

@@ -54,12 +54,14 @@ def test_query_never_returns_labeled_or_skipped_images_with_or_without_a_model(p
     alice.skip(6)
     alice.skip(7)
     for strategy in (s for s in STRATEGIES if s not in NEEDS_MODEL):
-        shown = _ids(Miner(project, "cat", ALICE, strategy).query(12))
-        assert shown == set(range(8, 13)), strategy  # before a model: everything else, nothing more
+        page = Miner(project, "cat", ALICE, strategy).query(12)
+        assert _ids(page) == set(range(8, 13)), strategy  # before a model: everything else, nothing more
+        assert all(c.value is None and c.kind is None for c in page), strategy  # nothing scored them yet
     project.train("cat", QUICK)
     for strategy in STRATEGIES:
-        shown = _ids(Miner(project, "cat", ALICE, strategy).query(12))
-        assert shown and shown <= set(range(8, 13)), strategy
+        page = Miner(project, "cat", ALICE, strategy).query(12)
+        assert _ids(page) and _ids(page) <= set(range(8, 13)), strategy
+        assert all(c.kind == "score" and 0 <= c.value <= 1 for c in page), strategy
 
 
 def test_skips_persist_across_miners_and_belong_to_one_person(project):
@@ -160,12 +162,20 @@ def test_cli_skips_leave_the_authors_queue_and_review_labels_retrain_when_due(pr
     assert cli(["skip", root, "--category", "cat", paths[10], "11", "--author", ALICE, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["skipped"] == 2
     for author, expected in ((ALICE, {8, 9, 12}), (BOB, {8, 9, 10, 11, 12})):
-        assert cli(["rank", root, "--category", "cat", "--strategy", "random", "--limit", "12", "--author", author, "--json"]) == 0
+        assert (
+            cli(["rank", root, "--category", "cat", "--strategy", "random", "--limit", "12", "--author", author, "--json"]) == 0
+        )
         assert {c["image_id"] for c in json.loads(capsys.readouterr().out)["candidates"]} == expected
     assert cli(["rank", root, "--category", "cat", "--pool-neighbors", "1", "--limit", "12", "--author", BOB, "--json"]) == 0
-    assert 0 < len(json.loads(capsys.readouterr().out)["candidates"]) < 5  # at most one neighbour per positive
+    ranked = json.loads(capsys.readouterr().out)["candidates"]
+    assert 0 < len(ranked) < 5  # at most one neighbour per positive
+    assert all(row.keys() == {"image_id", "path", "score"} and row["score"] is None for row in ranked)  # no model yet
+    assert cli(["search", root, "--like", paths[1], "--limit", "3", "--json"]) == 0
+    assert all(row.keys() == {"image_id", "path", "similarity"} for row in json.loads(capsys.readouterr().out)["results"])
 
     first = project.train("cat", QUICK).id
+    assert cli(["rank", root, "--category", "cat", "--limit", "3", "--author", BOB, "--json"]) == 0
+    assert all(0 <= row["score"] <= 1 for row in json.loads(capsys.readouterr().out)["candidates"])
     project.auto_retrain_after = 2
     assert cli(["label", root, "--category", "cat", "--negative", paths[8], "--review", "--author", ALICE, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["retrain"]["due"] is False

@@ -25,7 +25,17 @@ REPO = Path(__file__).resolve().parent.parent
 def test_predict_in_a_fresh_process_agrees_with_the_app_scores(trained, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     inputs = [trained.images / "discs", *trained.negatives]  # a folder and single files
-    command = [sys.executable, "-m", "bgminer", "predict", str(trained.export.model), *map(str, inputs), "--json", "--batch-size", "5"]
+    command = [
+        sys.executable,
+        "-m",
+        "bgminer",
+        "predict",
+        str(trained.export.model),
+        *map(str, inputs),
+        "--json",
+        "--batch-size",
+        "5",
+    ]
     done = subprocess.run(command, check=False, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
     assert done.returncode == 0, done.stderr
     out = json.loads(done.stdout)

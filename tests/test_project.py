@@ -11,7 +11,7 @@ from bgminer.cli import main as cli
 from bgminer.evaluate import average_precision
 from bgminer.loop import Miner
 from bgminer.progress import Cancelled, CancelToken
-from bgminer.project import CorpusCounts, Project
+from bgminer.project import Candidate, CorpusCounts, Project
 from bgminer.train import TrainConfig
 
 BACKGROUND = ["astronaut", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "retina", "colorwheel", "logo"]
@@ -72,6 +72,8 @@ def test_a_round_of_training_ranks_the_rare_class_first(corpus, tmp_path):
     assert average_precision(y, scores[rest]) > 0.8 > y.mean()
     page = Miner(project, "cat", "tester").query(5)
     assert sum(is_cat[c.image_id] for c in page) >= 4
+    by_id = dict(zip(ids.tolist(), scores.tolist(), strict=True))
+    assert all(c.kind == "score" and c.value == pytest.approx(by_id[c.image_id]) for c in page)
 
 
 def test_cancelled_training_leaves_the_previous_version_active(corpus, tmp_path):
@@ -104,11 +106,16 @@ def test_search_by_image_and_by_text(corpus, tmp_path):
     cat_id = next(i for i, t in is_cat.items() if t)
     similar = project.search_like(image_id=cat_id, n=5)
     assert cat_id not in {c.image_id for c in similar}
-    assert sum(is_cat[c.image_id] for c in similar) >= 4
+    assert sum(is_cat[c.image_id] for c in similar) >= 4 and {c.kind for c in similar} == {"similarity"}
     uploaded = project.search_like(image_file=project.store.image(cat_id)["path"], n=3)
-    assert uploaded[0].image_id == cat_id and uploaded[0].score == pytest.approx(1.0, abs=1e-3)
+    assert uploaded[0].image_id == cat_id and uploaded[0].value == pytest.approx(1.0, abs=1e-3)
     classes, found = project.search_text("cat", n=5)
     assert "tabby" in classes and sum(is_cat[c.image_id] for c in found) >= 4
+    assert {c.kind for c in found} == {"class_probability"} and all(0 <= c.value <= 1 for c in found)
+    assert all(c.value is None and c.kind is None for c in project.browse(n=5))
+    for value, kind in ((0.5, None), (None, "score"), (0.5, "probability")):
+        with pytest.raises(ValueError):
+            Candidate(1, "x.jpg", value, kind)  # a number always says what it is, and only with one of the three names
 
 
 def test_undo_reverts_the_last_decision(corpus, tmp_path):

@@ -2,7 +2,8 @@ import multiprocessing as mp
 
 import pytest
 
-from bgminer.store import SCHEMA_VERSION, Store, StoreError
+from bgminer.schema import SCHEMA_VERSION, StoreError
+from bgminer.store import Store
 
 
 @pytest.fixture
@@ -114,11 +115,11 @@ def test_only_jobs_of_dead_processes_are_marked_orphaned(store):
 def test_a_version_1_store_is_migrated_in_place(tmp_path):
     import sqlite3
 
-    from bgminer.store import MIGRATIONS, _split_sql
+    from bgminer.schema import MIGRATIONS, split_sql
 
     path = tmp_path / "old.sqlite"
     db = sqlite3.connect(path)
-    for statement in _split_sql(MIGRATIONS[0]):
+    for statement in split_sql(MIGRATIONS[0]):
         db.execute(statement)
     db.execute("PRAGMA user_version = 1")
     db.execute("INSERT INTO jobs (kind, state) VALUES ('embed', 'done')")
@@ -132,17 +133,21 @@ def test_a_version_1_store_is_migrated_in_place(tmp_path):
 def test_a_version_2_store_keys_models_and_validation_samples_by_category_id(tmp_path):
     import sqlite3
 
-    from bgminer.store import MIGRATIONS, _split_sql
+    from bgminer.schema import MIGRATIONS, split_sql
 
     path = tmp_path / "v2.sqlite"
     db = sqlite3.connect(path)
     for script in MIGRATIONS[:2]:
-        for statement in _split_sql(script):
+        for statement in split_sql(script):
             db.execute(statement)
     db.execute("PRAGMA user_version = 2")
     db.execute("INSERT INTO categories (id, name, created_at) VALUES (1, 'dog', 0), (2, 'cat', 0)")
-    db.execute("INSERT INTO models (categories, mode, state, created_at) VALUES ('[\"cat\", \"gone\", \"dog\"]', 'adapter', 'ready', 0)")
-    db.execute("INSERT INTO meta (key, value) VALUES ('validation:cat', '{\"ids\": [1]}'), ('validation:gone', '{}'), ('backbone', 'x')")
+    db.execute(
+        "INSERT INTO models (categories, mode, state, created_at) VALUES ('[\"cat\", \"gone\", \"dog\"]', 'adapter', 'ready', 0)"
+    )
+    db.execute(
+        "INSERT INTO meta (key, value) VALUES ('validation:cat', '{\"ids\": [1]}'), ('validation:gone', '{}'), ('backbone', 'x')"
+    )
     db.commit()
     db.close()
 

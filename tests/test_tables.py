@@ -43,6 +43,7 @@ def test_labels_csv_round_trip_into_a_new_project(trained, tmp_path):
 
     assert report.imported == 7 and report.categories_created == [CATEGORY]
     assert report.missing == [str(tmp_path / "gone.png")]
+
     def pairs(project):
         return {(r["path"], r["category"], r["label"], r["author"]) for r in project.store.label_table()}
 
@@ -57,7 +58,7 @@ def test_scores_tables_cover_the_corpus_in_csv_and_parquet(trained, tmp_path):
         assert write_scores(trained.project, tmp_path / name) == 40
         table = pd.read_csv(tmp_path / name) if name.endswith(".csv") else pd.read_parquet(tmp_path / name)
         assert list(table.columns) == ["path", "image_id", CATEGORY]
-        assert all(abs(s - expected[p]) < 1e-6 for p, s in zip(table["path"], table[CATEGORY]))
+        assert all(abs(s - expected[p]) < 1e-6 for p, s in zip(table["path"], table[CATEGORY], strict=True))
 
 
 def test_folder_tree_links_positives_and_optionally_negatives(trained, tmp_path):

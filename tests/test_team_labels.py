@@ -14,9 +14,10 @@ import pytest
 from bgminer.cli import main as cli
 from bgminer.corpus import thumbnail_path
 from bgminer.project import Project, ProjectError
+from bgminer.schema import StoreError
 from bgminer.scoring import VersionWriter
 from bgminer.settings import local_user
-from bgminer.store import Store, StoreError, UndoConflict
+from bgminer.store import Store, UndoConflict
 from bgminer.tables import import_labels_csv, write_labels_csv, write_scores
 from bgminer.train import TrainConfig
 
@@ -100,7 +101,9 @@ def test_category_names_from_the_safe_set_are_accepted(store, name):
     assert name.strip() in store.categories()
 
 
-@pytest.mark.parametrize("name", ["", "   ", "x" * 65, "**bold**", "[link](http://x)", "a\nb", "a\tb", "<img>", "a/b", "=1+1", "![x](y)"])
+@pytest.mark.parametrize(
+    "name", ["", "   ", "x" * 65, "**bold**", "[link](http://x)", "a\nb", "a\tb", "<img>", "a/b", "=1+1", "![x](y)"]
+)
 def test_unsafe_category_names_are_refused_and_change_nothing(store, name):
     before = store.categories()
     with pytest.raises(StoreError, match="category"):
@@ -205,12 +208,12 @@ def _raw_cells(path) -> list[list[str]]:
 def test_formula_cells_are_escaped_in_the_labels_csv_and_round_trip(project, tmp_path):
     project.add_category("-x")
     project.add_category("'quoted")
-    project.label("-x", [1], "positive", author="=HYPERLINK(\"http://evil\")")
+    project.label("-x", [1], "positive", author='=HYPERLINK("http://evil")')
     project.label("'quoted", [2], "negative", author="@sum")
     out = tmp_path / "labels.csv"
     write_labels_csv(project, out)
     cells = [c for row in _raw_cells(out)[1:] for c in row]
-    assert {"'-x", "'=HYPERLINK(\"http://evil\")", "''quoted", "'@sum"} <= set(cells)
+    assert {"'-x", '\'=HYPERLINK("http://evil")', "''quoted", "'@sum"} <= set(cells)
     assert not any(c.startswith(("=", "+", "-", "@", "\t", "\r")) for c in cells)
 
     fresh = Project.create(tmp_path / "fresh")
@@ -218,7 +221,9 @@ def test_formula_cells_are_escaped_in_the_labels_csv_and_round_trip(project, tmp
     report = import_labels_csv(fresh, out)
     assert report.imported == 2 and sorted(report.categories_created) == ["'quoted", "-x"]
     assert {(r["category"], r["label"], r["author"]) for r in fresh.store.label_table()} == {
-        ("-x", "positive", "=HYPERLINK(\"http://evil\")"), ("'quoted", "negative", "@sum")}
+        ("-x", "positive", '=HYPERLINK("http://evil")'),
+        ("'quoted", "negative", "@sum"),
+    }
 
 
 def test_formula_cells_are_escaped_in_the_scores_csv_and_numbers_stay_numbers(project, tmp_path):

@@ -1,7 +1,7 @@
 """Nearest-neighbour index over image embeddings: one interface, backends behind it.
 
-Vectors are L2-normalised on the way in, so every score is a cosine similarity. Ids are the
-caller's int64 ids (image ids); results are padded with id -1 and score -inf.
+Vectors are L2-normalised on the way in, so search returns cosine similarities. Ids are the
+caller's int64 ids (image ids); results are padded with id -1 and similarity -inf.
 
 - :mod:`.base`: the :class:`VectorIndex` interface, the file format, the backend registry
   (:func:`register`, :data:`BACKENDS`) behind :func:`make_index`, :func:`auto_kind` and

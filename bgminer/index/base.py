@@ -146,9 +146,9 @@ class VectorIndex(ABC):
     def search(
         self, queries: np.ndarray, k: int, exclude_ids: Iterable[int] | np.ndarray | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k by cosine for each query: (scores [Q, k] float32, ids [Q, k] int64), best first.
+        """Top-k by cosine for each query: (similarities [Q, k] float32, ids [Q, k] int64), best first.
 
-        ``exclude_ids`` are never returned. Missing results (fewer than k candidates) are id -1, score -inf.
+        ``exclude_ids`` are never returned. Missing results (fewer than k candidates) are id -1, similarity -inf.
         """
         q = normalize(queries)
         if q.shape[1] != self.dim:

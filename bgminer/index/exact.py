@@ -47,8 +47,8 @@ class ExactIndex(VectorIndex):
 
     def _search(self, queries: np.ndarray, k: int, sel: faiss.IDSelector | None) -> tuple[np.ndarray, np.ndarray]:
         params = faiss.SearchParameters(sel=sel) if sel is not None else None
-        scores, ids = self._index.search(queries, k, params=params)
-        return pad_invalid(scores, ids)
+        sims, ids = self._index.search(queries, k, params=params)
+        return pad_invalid(sims, ids)
 
     def _vectors(self, ids: np.ndarray) -> np.ndarray:
         return self._index.reconstruct_batch(ids)

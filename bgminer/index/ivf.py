@@ -2,7 +2,7 @@
 
 Both IVF backends search in two stages: a *probe* stage (PCA to ``reduce_dim``, then an inverted
 file of ``nlist`` lists, ``nprobe`` of them scanned) returns ``rerank_candidates`` per query, and
-a *rerank* stage re-scores them with (a compact copy of) the full vectors. They differ in how
+a *rerank* stage recomputes their similarities with (a compact copy of) the full vectors. They differ in how
 the probe stage codes vectors and where the full vectors live. Sizing rules, tuning and measured
 figures: docs/index.md.
 """
@@ -49,8 +49,8 @@ def rerank(
         sims = np.pad(sims, ((0, 0), (0, k - sims.shape[1])), constant_values=-np.inf)
         cand = np.pad(cand, ((0, 0), (0, k - cand.shape[1])), constant_values=-1)
     top = np.argsort(-sims, axis=1, kind="stable")[:, :k]
-    scores = np.take_along_axis(sims, top, axis=1)
-    return pad_invalid(scores, np.where(np.isfinite(scores), np.take_along_axis(cand, top, axis=1), -1))
+    sims = np.take_along_axis(sims, top, axis=1)
+    return pad_invalid(sims, np.where(np.isfinite(sims), np.take_along_axis(cand, top, axis=1), -1))
 
 
 class IVFBase(VectorIndex):
@@ -135,8 +135,8 @@ class IVFBase(VectorIndex):
         _, cand = self._probe.search(queries, n_cand, params=params)
         step = max(1, RERANK_BLOCK_FLOATS // (n_cand * self.dim))
         parts = [rerank(queries[s : s + step], cand[s : s + step], k, self._full_vectors) for s in range(0, len(queries), step)]
-        scores, keys = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
-        return scores, self._ids_of_keys(keys)
+        sims, keys = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+        return sims, self._ids_of_keys(keys)
 
     def tune(self, queries: np.ndarray, true_ids: np.ndarray, exclude_ids: np.ndarray | None = None) -> float:
         """Set nprobe to the smallest value whose recall@k on ``queries`` reaches the target; returns that recall.
@@ -182,7 +182,7 @@ class IVFConfig:
     nlist: int | None = None
     nprobe: int | None = None
     reduce_dim: int | None = 128  # PCA dimensions of the probe stage; None or >= D keeps all
-    rerank_candidates: int = 100  # probe-stage results re-scored with full vectors (at least 2k)
+    rerank_candidates: int = 100  # probe-stage results re-ranked with full vectors (at least 2k)
     target_recall: float = 0.96  # recall@10 vs exact search that nprobe tuning aims for (0.95 + margin for sampling noise)
     tuning_queries: int = 200
     kmeans_iterations: int = 10

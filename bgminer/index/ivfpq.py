@@ -36,8 +36,8 @@ class IVFPQConfig:
     nprobe: int | None = None
     reduce_dim: int = 128  # PCA dimensions of the probe stage
     pq_bytes: int = 32  # bytes per vector in the probe stage's product quantizer (8 bits per sub-quantizer)
-    rerank_candidates: int = 512  # probe-stage results re-scored from the on-disk codes (at least 2k)
-    rerank_codec: str = "SQ8"  # faiss factory string of the on-disk code of full vectors used to re-score
+    rerank_candidates: int = 512  # probe-stage results re-ranked from the on-disk codes (at least 2k)
+    rerank_codec: str = "SQ8"  # faiss factory string of the on-disk code of full vectors used to re-rank
     target_recall: float = 0.96
     tuning_queries: int = 200
     kmeans_iterations: int = 10
@@ -48,7 +48,7 @@ class IVFPQConfig:
 
 @register
 class IVFPQIndex(IVFBase):
-    """PCA + IVF-PQ probe stage in RAM; re-scoring from compact full-vector codes in a memory-mapped file."""
+    """PCA + IVF-PQ probe stage in RAM; re-ranking from compact full-vector codes in a memory-mapped file."""
 
     kind = "ivfpq"
     config_class = IVFPQConfig

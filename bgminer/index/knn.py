@@ -21,11 +21,11 @@ def as_ids(ids: Iterable[int] | np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(ids, dtype=np.int64).reshape(-1))
 
 
-def pad_invalid(scores: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Results in the index's convention: float32 scores, -inf where the id is -1 (no result)."""
-    scores = scores.astype(np.float32, copy=False)
-    scores[ids < 0] = -np.inf
-    return scores, ids
+def pad_invalid(similarities: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Results in the index's convention: float32 similarities, -inf where the id is -1 (no result)."""
+    similarities = similarities.astype(np.float32, copy=False)
+    similarities[ids < 0] = -np.inf
+    return similarities, ids
 
 
 def recall_at_k(found_ids: np.ndarray, true_ids: np.ndarray) -> float:
@@ -47,7 +47,7 @@ class TopK:
     exclude: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
     def __post_init__(self) -> None:
-        self.scores = np.full((len(self.queries), self.k), -np.inf, np.float32)
+        self.similarities = np.full((len(self.queries), self.k), -np.inf, np.float32)
         self.ids = np.full((len(self.queries), self.k), -1, np.int64)
 
     def update(self, vectors: np.ndarray, ids: np.ndarray) -> None:
@@ -58,11 +58,11 @@ class TopK:
             sims, chunk_ids = np.take_along_axis(sims, part, axis=1), ids[part]
         else:
             chunk_ids = np.broadcast_to(ids, sims.shape)
-        all_scores = np.concatenate([self.scores, sims], axis=1)
+        all_sims = np.concatenate([self.similarities, sims], axis=1)
         all_ids = np.concatenate([self.ids, chunk_ids], axis=1)
-        top = np.argsort(-all_scores, axis=1, kind="stable")[:, : self.k]
-        self.scores = np.take_along_axis(all_scores, top, axis=1)
-        self.ids = np.where(np.isfinite(self.scores), np.take_along_axis(all_ids, top, axis=1), -1)
+        top = np.argsort(-all_sims, axis=1, kind="stable")[:, : self.k]
+        self.similarities = np.take_along_axis(all_sims, top, axis=1)
+        self.ids = np.where(np.isfinite(self.similarities), np.take_along_axis(all_ids, top, axis=1), -1)
 
 
 def exact_knn(
@@ -71,8 +71,9 @@ def exact_knn(
     k: int,
     exclude_ids: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Exact cosine top-k over (vectors, ids) chunks streamed once; for ground truth on corpora too big for RAM."""
+    """Exact cosine top-k, (similarities, ids), over (vectors, ids) chunks streamed once; for ground truth on corpora
+    too big for RAM."""
     topk = TopK(normalize(queries), k, as_ids(exclude_ids if exclude_ids is not None else []))
     for vectors, ids in chunks:
         topk.update(normalize(vectors), as_ids(ids))
-    return topk.scores, topk.ids
+    return topk.similarities, topk.ids

@@ -1,0 +1,144 @@
+"""A round: train the model for the labeled categories (warm-started where the mode allows),
+re-score the corpus into the new version's folder and rebuild its index; and re-scoring the
+active version after more images were embedded. The optimisation itself is :mod:`bgminer.train`.
+
+:class:`bgminer.project.Project` offers these as ``train`` and ``rescore``; torch loads only
+when a round runs.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .evaluate import average_precision
+from .modes import get_mode
+from .progress import Cancelled, CancelToken, ProgressFn
+
+if TYPE_CHECKING:
+    from .project import Project
+    from .records import ModelRecord
+    from .train import TrainConfig
+
+
+def train_round(
+    project: Project,
+    categories: str | Sequence[str] | None = None,
+    config: TrainConfig | None = None,
+    progress: ProgressFn | None = None,
+    cancel: CancelToken | None = None,
+) -> ModelRecord:
+    """One round: train (warm-started in the modes that do), re-score the corpus, rebuild the index.
+
+    Trains every category with a positive label unless ``categories`` narrows it. The new
+    version becomes active only once all of it is on disk; a failed or cancelled round
+    leaves the previous version active.
+    """
+    from .model import build_model, grow_categories, save_checkpoint
+    from .scoring import rescore_version
+    from .train import TrainConfig, build_training_set, train
+
+    config = config or TrainConfig()
+    counts = project.store.label_counts()
+    if categories is None:
+        cats = [c for c, n in counts.items() if n["positive"] > 0]
+    else:
+        cats = [categories] if isinstance(categories, str) else list(categories)
+        for c in cats:
+            project.store.category_id(c)  # unknown category -> clear error
+    if not cats or not any(counts[c]["positive"] for c in cats):
+        raise ValueError("label at least one positive image before training")
+    ids = np.asarray(project.store.image_ids(embedded=True), dtype=np.int64)
+    if len(ids) == 0:
+        raise ValueError("no embedded images yet: ingest and embed a corpus first")
+
+    parent = None
+    if config.warm_start:
+        cat_ids = {project.store.category_id(c) for c in cats}
+        ready = (m for m in project.store.models() if m.state == "ready" and m.mode == config.mode)
+        parent = next((m for m in ready if set(m.category_ids) <= cat_ids), None)
+    if parent is not None:
+        model = project.load_model(parent.id)
+        cats = list(model.categories) + [c for c in cats if c not in model.categories]
+        if cats != list(model.categories):
+            model = grow_categories(model, cats)
+    else:
+        model = build_model(config.mode, project.backbone, cats, fixed_background_logit=config.fixed_background_logit)
+    model_id = project.store.add_model(cats, config.mode, asdict(config), parent.id if parent else None)
+    started = time.perf_counter()
+    try:
+        inputs = get_mode(config.mode).inputs(project)
+        labels = {k: project.store.labels(c) for k, c in enumerate(cats)}
+        training_set = build_training_set(inputs, labels, ids, project.features.open("logits"), config)
+
+        def record_losses(epochs) -> None:  # live loss curve for the Train page
+            project.store.update_model(model_id, losses=[asdict(e) for e in epochs])
+
+        result = train(model, training_set, config, progress=progress, cancel=cancel, on_epoch=record_losses)
+        checkpoint = save_checkpoint(result.model, project.models_dir / f"v{model_id:04d}.pt", extra={"model_id": model_id})
+        version = rescore_version(result.model, inputs, ids, project.scores_dir, model_id, device=config.device, cancel=cancel)
+        project.finder.build_index(model_id, version.embeddings(), ids)
+        metrics = _training_metrics(labels, ids, version.scores, cats, result)
+    except Cancelled:
+        project.store.update_model(model_id, state="cancelled", train_seconds=time.perf_counter() - started)
+        raise
+    except Exception as exc:
+        error = f"{type(exc).__name__}: {exc}"
+        project.store.update_model(model_id, state="failed", error=error, train_seconds=time.perf_counter() - started)
+        raise
+    project.store.update_model(
+        model_id,
+        state="ready",
+        checkpoint=str(checkpoint.relative_to(project.root)),
+        losses=[asdict(e) for e in result.epochs],
+        label_counts={c: counts[c] for c in cats if c in counts},
+        metrics=metrics,
+        train_seconds=time.perf_counter() - started,
+    )
+    return project.store.model(model_id)
+
+
+def rescore_active(
+    project: Project,
+    engine: str = "local",
+    ray_config: Any = None,
+    device: str = "auto",
+    progress: ProgressFn | None = None,
+    cancel: CancelToken | None = None,
+) -> ModelRecord:
+    """Re-score every embedded image with the active model and rebuild its index (after embedding more images).
+
+    Streams chunk by chunk into the version's memory-mapped folder, in process or on Ray
+    (``engine="ray"``, ``ray_config`` a :class:`bgminer.ray_engine.RayConfig`); the version's
+    old scores and index keep serving until the new ones are complete.
+    """
+    from .scoring import rescore_version
+
+    record = project.store.active_model()
+    if record is None:
+        raise ValueError("no trained model yet: label a few positives and train first")
+    model = project.load_model(record.id)
+    ids = np.asarray(project.store.image_ids(embedded=True), dtype=np.int64)
+    version = rescore_version(
+        model, get_mode(model.mode).inputs(project), ids, project.scores_dir, record.id,
+        engine=engine, ray_config=ray_config, device=device, progress=progress, cancel=cancel,
+    )
+    project.finder.build_index(record.id, version.embeddings(), ids)
+    return record
+
+
+def _training_metrics(
+    labels: dict[int, dict[int, str]], ids: np.ndarray, scores: np.ndarray, cats: list[str], result
+) -> dict[str, Any]:
+    """In-sample AP on the labeled images (optimistic; a sanity signal, not a test score)."""
+    position = {int(i): k for k, i in enumerate(ids)}
+    metrics: dict[str, Any] = {"steps": result.steps, "device": result.device}
+    for k, c in enumerate(cats):
+        rows = [(position[i], v == "positive") for i, v in labels[k].items() if i in position]
+        if rows and any(y for _, y in rows) and not all(y for _, y in rows):
+            metrics[f"train_ap/{c}"] = float(average_precision(np.array([y for _, y in rows]), scores[[r for r, _ in rows], k]))
+    return metrics
