@@ -34,3 +34,14 @@ def trained(tmp_path_factory):
     from exported import train_and_export
 
     return train_and_export(tmp_path_factory.mktemp("export"))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, image_folder_module):
+    """A project of the module's images, embedded by the in-process pipeline (the scoring and Ray engine tests)."""
+    from bgminer.project import Project
+
+    project = Project.create(tmp_path_factory.mktemp("reference") / "proj")
+    project.ingest([image_folder_module])
+    project.embed(batch_size=5)
+    return project

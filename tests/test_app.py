@@ -76,8 +76,11 @@ def animal_ids(project: Project, small_demo: Path) -> list[int]:
     return [project.store.image_id_for_path(p) for p in (small_demo / "animals.txt").read_text().splitlines()]
 
 
-def app(root: Path | str, page: str | None = None) -> AppTest:
+def app(root: Path | str, page: str | None = None, user: str | None = None) -> AppTest:
+    """The app on ``root`` (optionally switched to ``page``), run once; ``user``: signed in as that email (st.user)."""
     at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    if user is not None:
+        at.user = {"is_logged_in": True, "email": user}
     at.session_state["project_root"] = str(root)
     at.run()
     if page is not None:

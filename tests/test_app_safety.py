@@ -155,14 +155,7 @@ def signed_in(monkeypatch):
     monkeypatch.setenv("BGMINER_ADMINS", ADMIN)
 
     def open_as(root: Path, user: str, page: str | None = None) -> AppTest:
-        at = AppTest.from_file(test_app.APP, default_timeout=test_app.TIMEOUT)
-        at.user = {"is_logged_in": True, "email": user}
-        at.session_state["project_root"] = str(root)
-        at.run()
-        if page is not None:
-            at.switch_page(f"app_pages/{page}.py").run()
-        assert not at.exception, [e.value for e in at.exception]
-        return at
+        return app(root, page, user=user)
 
     return open_as
 

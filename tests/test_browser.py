@@ -9,30 +9,14 @@ import csv
 import os
 import re
 import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+from streamlit_server import ARTIFACTS, CHROMIUM, WAIT_MS, chromium, streamlit_app
 
 from bgminer.demo import DEMO_CATEGORY, DEMO_DIR, build_demo_project
 from bgminer.store import Store
 
-CHROMIUM = Path("/usr/bin/chromium")
-REPO = Path(__file__).resolve().parent.parent
-ARTIFACTS = REPO / "test-artifacts"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-WAIT_MS = 60_000
 TRAIN_WAIT_MS = 300_000  # one adapter round; seconds on an idle laptop, minutes on a loaded 2-core box
 
 pytestmark = [
@@ -57,58 +41,16 @@ def app_url(demo_project, tmp_path):
     """`streamlit run app.py` on a free port, against a private copy of the demo project."""
     project = tmp_path / "project"
     shutil.copytree(demo_project, project)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
-    command = [
-        sys.executable,
-        "-m",
-        "streamlit",
-        "run",
-        str(REPO / "app.py"),
-        "--server.port",
-        str(port),
-        "--server.address",
-        "127.0.0.1",
-        "--server.headless",
-        "true",
-        "--browser.gatherUsageStats",
-        "false",
-        "--server.fileWatcherType",
-        "none",
-    ]
-    log_path = tmp_path / "streamlit.log"
-    with open(log_path, "w") as log:
-        server = subprocess.Popen(
-            command, cwd=REPO, env={**os.environ, "BGMINER_PROJECT": str(project)}, stdout=log, stderr=subprocess.STDOUT
-        )
-        try:
-            deadline = time.monotonic() + 60
-            while not _healthy(url):
-                assert server.poll() is None and time.monotonic() < deadline, log_path.read_text()
-                time.sleep(0.3)
-            yield url, project
-        finally:
-            server.terminate()
-            server.wait(timeout=20)
-
-
-def _healthy(url: str) -> bool:
-    try:
-        return urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read() == b"ok"
-    except OSError:
-        return False
+    with streamlit_app({**os.environ, "BGMINER_PROJECT": str(project)}, tmp_path / "streamlit.log") as url:
+        yield url, project
 
 
 @pytest.fixture
 def page(app_url):
-    with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+    with chromium() as browser:
         tab = browser.new_page(viewport={"width": 1400, "height": 1000})
         tab.set_default_timeout(WAIT_MS)
         yield tab
-        browser.close()
 
 
 def settle(page) -> None:

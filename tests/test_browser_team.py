@@ -9,14 +9,11 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
-import subprocess
-import sys
-import time
 
 import pytest
 import test_app  # puts the repo on sys.path; its small_demo fixture is reused below
-from test_browser import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, REPO, WAIT_MS, _healthy, settle
+from streamlit_server import ARTIFACTS, CHROMIUM, WAIT_MS, chromium, streamlit_app
+from test_browser import settle
 
 from bgminer.demo import DEMO_CATEGORY
 from bgminer.store import Store
@@ -39,49 +36,16 @@ def team_server(small_demo, tmp_path):
     """`streamlit run app.py` in proxy mode on a free loopback port, alice an admin, one project."""
     project = tmp_path / "projects" / "team"
     shutil.copytree(small_demo / "project", project)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("BGMINER_")}
     env.update(BGMINER_AUTH="proxy", BGMINER_ADMINS=ALICE, BGMINER_PROJECTS_DIR=str(project.parent), BGMINER_PROJECT=str(project))
-    command = [
-        sys.executable,
-        "-m",
-        "streamlit",
-        "run",
-        str(REPO / "app.py"),
-        "--server.port",
-        str(port),
-        "--server.address",
-        "127.0.0.1",
-        "--server.headless",
-        "true",
-        "--browser.gatherUsageStats",
-        "false",
-        "--server.fileWatcherType",
-        "none",
-    ]
-    log_path = tmp_path / "streamlit.log"
-    with open(log_path, "w") as log:
-        server = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.monotonic() + 60
-            while not _healthy(url):
-                assert server.poll() is None and time.monotonic() < deadline, log_path.read_text()
-                time.sleep(0.3)
-            yield url, project
-        finally:
-            server.terminate()
-            server.wait(timeout=20)
+    with streamlit_app(env, tmp_path / "streamlit.log") as url:
+        yield url, project
 
 
 @pytest.fixture
 def browser():
-    with playwright.sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        yield chromium
-        chromium.close()
+    with chromium() as launched:
+        yield launched
 
 
 def signed_in_tab(browser, url: str, email: str):

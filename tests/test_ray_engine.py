@@ -8,9 +8,9 @@ import shutil
 
 import numpy as np
 import pytest
+from adapters import adapter_model
 
 from bgminer.fsutil import temp_name
-from bgminer.model import build_model
 from bgminer.project import Project
 from bgminer.ray_engine import RayConfig, embed_on_ray
 from bgminer.scoring import read_version, rescore_version, score
@@ -25,15 +25,6 @@ def ray_local():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, image_folder_module):
-    """The same folder embedded by the in-process pipeline."""
-    project = Project.create(tmp_path_factory.mktemp("reference") / "proj")
-    project.ingest([image_folder_module])
-    project.embed(batch_size=5)
-    return project
 
 
 def fresh_project(tmp_path, folder) -> Project:
@@ -98,17 +89,6 @@ def test_a_shard_from_other_weights_is_discarded(tmp_path, image_folder_module, 
     path = write_shard(shard_dir(project.features), ids, cached_rows(reference, ids), [], "other")
     assert merge_shard(path, project.store, project.features, project.backbone.weights_sha256) is None
     assert not path.exists() and project.store.embedded_count() == 0
-
-
-def adapter_model(reference: Project):
-    import torch
-
-    torch.manual_seed(0)
-    model = build_model("adapter", reference.backbone, ["a", "b"])
-    with torch.no_grad():
-        for p in model.trunk.parameters():
-            p.add_(0.01 * torch.randn_like(p))  # a trained-looking adapter, not the identity
-    return model
 
 
 def test_rescore_on_ray_matches_local(ray_local, tmp_path, reference):

@@ -9,32 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from adapters import adapter_model
 
-from bgminer.model import build_model
-from bgminer.project import Project
 from bgminer.scoring import read_version, rescore_version, score
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, image_folder_module):
-    """A folder embedded by the in-process pipeline."""
-    project = Project.create(tmp_path_factory.mktemp("reference") / "proj")
-    project.ingest([image_folder_module])
-    project.embed(batch_size=5)
-    return project
-
-
-def adapter_model(reference: Project):
-    import torch
-
-    torch.manual_seed(0)
-    model = build_model("adapter", reference.backbone, ["a", "b"])
-    with torch.no_grad():
-        for p in model.trunk.parameters():
-            p.add_(0.01 * torch.randn_like(p))  # a trained-looking adapter, not the identity
-    return model
 
 
 def test_streaming_rescore_matches_scoring_in_one_go(tmp_path, reference):
