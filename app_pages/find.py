@@ -151,6 +151,13 @@ else:
         right.caption("Images most similar to this one.")
         candidates = [c for c in project.search_like(image_id=like, n=RESULTS + 1) if c.image_id != like][:RESULTS]
 
+if mode in ("upload", "similar") and candidates:
+    index = project.index_status()
+    if index.behind:
+        served = "the pretrained features'" if index.served is None else f"model v{index.served}'s"
+        doing = "is being built" if index.building == index.active else "is not built yet"
+        st.caption(f"Searching with {served} index; v{index.active}'s {doing}.")
+
 if candidates:
     items = [(c.image_id, " · ".join(part for part in (f"#{c.image_id}", common.value_text(c)) if part)) for c in candidates]
     common.thumbnail_grid(project, category, items, key="find", columns=COLUMNS, on_more_like_this=more_like_this)

@@ -103,6 +103,7 @@ def cmd_rescore(args: argparse.Namespace) -> int:
     record = project.rescore(
         engine=args.engine, ray_config=ray_config, device=args.device, progress=_print_progress, cancel=CancelToken()
     )
+    project.wait_for_index()  # the background index build must not die with this process
     n = len(project.store.image_ids(embedded=True))
     seconds = time.perf_counter() - start
     summary = {"model_version": record.id, "mode": record.mode, "images": n, "seconds": round(seconds, 1), "engine": args.engine}
@@ -243,6 +244,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = TrainConfig(mode=args.mode, epochs=args.epochs, device=args.device, seed=args.seed,
                          **({"aux_weight": args.aux_weight} if args.aux_weight is not None else {}))
     record = project.train(args.category or None, config, progress=_print_progress, cancel=CancelToken())
+    project.wait_for_index()  # the background index build must not die with this process
     summary = {"model_version": record.id, "categories": record.categories, "mode": record.mode,
                "train_seconds": round(record.train_seconds or 0, 2), "label_counts": record.label_counts,
                "final_loss": record.losses[-1] if record.losses else None, "metrics": record.metrics}

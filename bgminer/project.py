@@ -225,9 +225,10 @@ class Project:
         progress: ProgressFn | None = None,
         cancel: CancelToken | None = None,
     ) -> ModelRecord:
-        """One round (see :func:`bgminer.rounds.train_round`): train, re-score the corpus, rebuild the
-        index; every category with a positive label unless ``categories`` narrows it. A failed or
-        cancelled round leaves the previous version active."""
+        """One round (see :func:`bgminer.rounds.train_round`): train, re-score the corpus, activate the
+        new version and start building its index in the background (:meth:`wait_for_index`); every
+        category with a positive label unless ``categories`` narrows it. A failed or cancelled round
+        leaves the previous version active."""
         from .rounds import train_round
 
         return train_round(self, categories, config=config, progress=progress, cancel=cancel)
@@ -240,7 +241,7 @@ class Project:
         progress: ProgressFn | None = None,
         cancel: CancelToken | None = None,
     ) -> ModelRecord:
-        """Re-score every embedded image with the active model and rebuild its index (see
+        """Re-score every embedded image with the active model and rebuild its index in the background (see
         :func:`bgminer.rounds.rescore_active`); ``engine="ray"`` runs it on Ray."""
         from .rounds import rescore_active
 
@@ -304,9 +305,19 @@ class Project:
         return version.ids, version.column(category)
 
     def index(self):
-        """The FAISS index over the active model's trunk embeddings (pretrained features before training),
-        loaded once per process; see :meth:`bgminer.search.Finder.index`."""
+        """The FAISS index that serves search: the active model's trunk embeddings once built (the
+        previous version's or the pretrained features' until then), loaded once per process; see
+        :meth:`bgminer.search.Finder.served`."""
         return self.finder.index()
+
+    def index_status(self):
+        """Which model version's index serves search and whether a newer one is being built
+        (:class:`bgminer.search.IndexStatus`)."""
+        return self.finder.status()
+
+    def wait_for_index(self, timeout: float | None = None) -> None:
+        """Wait for background index builds (after :meth:`train` or :meth:`rescore`); raise if one failed."""
+        self.finder.wait(timeout)
 
     def embed_query(self, image_file: str | Path | bytes) -> np.ndarray:
         """Embed an image that is not in the corpus into the active index's space (see :func:`bgminer.modes.embed_query`)."""
@@ -330,14 +341,18 @@ class Project:
     # -- review --------------------------------------------------------------------------
     def ranking_inputs(self, category: str) -> tuple[np.ndarray, np.ndarray | None, Any]:
         """What review strategies rank for ``category``: (image ids, the active model's scores or
-        None before training, the vector index). :class:`bgminer.loop.Miner` runs the loop."""
+        None before training, the embeddings: the vector index when it is that model's, else the
+        version's own embeddings, aligned with the ids, until its index is built). Ranking never
+        waits for an index nor mixes spaces. :class:`bgminer.loop.Miner` runs the loop."""
         found = self.version_scores(category)
         if found is None:
-            ids, scores = np.asarray(self.store.image_ids(embedded=True), dtype=np.int64), None
-        else:
-            _, version = found
-            ids, scores = version.ids, version.column(category)
-        return ids, scores, self.index() if len(ids) else None
+            ids = np.asarray(self.store.image_ids(embedded=True), dtype=np.int64)
+            return ids, None, self.index() if len(ids) else None
+        record, version = found
+        if not len(version.ids):
+            return version.ids, version.column(category), None
+        served, index = self.finder.served()
+        return version.ids, version.column(category), index if served == record.id else version.embeddings()
 
     def review_stats(self, category: str) -> ReviewStats:
         """Decisions made in review for ``category`` (undone ones removed), in order."""

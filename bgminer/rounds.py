@@ -1,5 +1,7 @@
 """A round: train the model for the labeled categories (warm-started where the mode allows),
-re-score the corpus into the new version's folder and rebuild its index; and re-scoring the
+re-score the corpus into the new version's folder, make it active, and build its index on a
+background thread (:meth:`bgminer.search.Finder.build_in_background`; search uses the previous
+index until it is ready); and re-scoring the
 active version after more images were embedded. The optimisation itself is :mod:`bgminer.train`.
 
 :class:`bgminer.project.Project` offers these as ``train`` and ``rescore``; torch loads only
@@ -32,11 +34,14 @@ def train_round(
     progress: ProgressFn | None = None,
     cancel: CancelToken | None = None,
 ) -> ModelRecord:
-    """One round: train (warm-started in the modes that do), re-score the corpus, rebuild the index.
+    """One round: train (warm-started in the modes that do), re-score the corpus, activate the new
+    version, then start building its index in the background (returns without waiting for it;
+    ``project.finder.wait()`` does).
 
     Trains every category with a positive label unless ``categories`` narrows it. The new
-    version becomes active only once all of it is on disk; a failed or cancelled round
-    leaves the previous version active.
+    version becomes active only once its checkpoint and scores are on disk; a failed or cancelled
+    round leaves the previous version active. ``metrics`` records ``fit_seconds`` and
+    ``score_seconds``, the two phases before activation.
     """
     from .model import build_model, grow_categories, save_checkpoint
     from .scoring import rescore_version
@@ -80,9 +85,11 @@ def train_round(
 
         result = train(model, training_set, config, progress=progress, cancel=cancel, on_epoch=record_losses)
         checkpoint = save_checkpoint(result.model, project.models_dir / f"v{model_id:04d}.pt", extra={"model_id": model_id})
+        fitted = time.perf_counter()
         version = rescore_version(result.model, inputs, ids, project.scores_dir, model_id, device=config.device, cancel=cancel)
-        project.finder.build_index(model_id, version.embeddings(), ids)
         metrics = _training_metrics(labels, ids, version.scores, cats, result)
+        metrics["fit_seconds"] = fitted - started
+        metrics["score_seconds"] = time.perf_counter() - fitted
     except Cancelled:
         project.store.update_model(model_id, state="cancelled", train_seconds=time.perf_counter() - started)
         raise
@@ -99,6 +106,7 @@ def train_round(
         metrics=metrics,
         train_seconds=time.perf_counter() - started,
     )
+    project.finder.build_in_background(model_id)  # the queue re-ranks now; search swaps indexes when ready
     return project.store.model(model_id)
 
 
@@ -110,7 +118,7 @@ def rescore_active(
     progress: ProgressFn | None = None,
     cancel: CancelToken | None = None,
 ) -> ModelRecord:
-    """Re-score every embedded image with the active model and rebuild its index (after embedding more images).
+    """Re-score every embedded image with the active model and rebuild its index in the background (after embedding more images).
 
     Streams chunk by chunk into the version's memory-mapped folder, in process or on Ray
     (``engine="ray"``, ``ray_config`` a :class:`bgminer.ray_engine.RayConfig`); the version's
@@ -123,11 +131,11 @@ def rescore_active(
         raise ValueError("no trained model yet: label a few positives and train first")
     model = project.load_model(record.id)
     ids = np.asarray(project.store.image_ids(embedded=True), dtype=np.int64)
-    version = rescore_version(
+    rescore_version(
         model, get_mode(model.mode).inputs(project), ids, project.scores_dir, record.id,
         engine=engine, ray_config=ray_config, device=device, progress=progress, cancel=cancel,
     )
-    project.finder.build_index(record.id, version.embeddings(), ids)
+    project.finder.build_in_background(record.id)  # the old index keeps serving until the new one is saved
     return record
 
 

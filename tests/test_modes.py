@@ -76,6 +76,7 @@ def test_the_cli_offers_exactly_the_registered_modes():
 
 
 def test_query_embedding_of_a_corpus_image_matches_its_stored_version_embedding(trained):
+    trained.wait_for_index()  # queries embed into the served index's space: the active version's once built
     record = trained.active_model(CATEGORY)
     version = trained.version_scores(CATEGORY)[1]
     paths = trained.store.image_paths(version.ids.tolist())
