@@ -28,6 +28,7 @@ from bgminer.records import JobRecord, LabelEvent
 from bgminer.schema import StoreError
 from bgminer.search import Candidate
 from bgminer.settings import Settings, SettingsError, clean_identity, load_settings, local_user
+from bgminer.strategies import DEFAULT_STRATEGY
 from bgminer.train import TrainConfig
 
 DEMO_SLUG = "demo"
@@ -198,7 +199,7 @@ def label_counts(project: Project, category: str) -> dict[str, int]:
     return {"positive": int(counts.get("positive", 0)), "negative": int(counts.get("negative", 0))}
 
 
-def miner(project: Project, category: str, strategy: str = "most-likely") -> Miner:
+def miner(project: Project, category: str, strategy: str = DEFAULT_STRATEGY) -> Miner:
     """The current person's review loop for ``category``, held to a non-admin's training caps."""
     return Miner(project, category, _author(), strategy, limits=None if is_admin() else settings().limits)
 

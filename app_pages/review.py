@@ -14,8 +14,8 @@ import streamlit as st
 from app_pages import common
 from app_pages.text import code, md_escape
 from bgminer.imageio import ImageRejected, load_rgb, make_thumbnail
-from bgminer.rank import NEEDS_MODEL, STRATEGIES
 from bgminer.store import UndoConflict
+from bgminer.strategies import NEEDS_MODEL, STRATEGIES
 
 QUEUE_SIZE = 50
 STRIP = 8
@@ -23,10 +23,14 @@ GRID = 12
 PREVIEW_SIZE = 768
 HISTOGRAM_BINS = 20
 STRATEGY_NAMES = {
+    "auto": "Auto",
     "most-likely": "Most likely",
     "uncertain": "Uncertain",
     "near-positives": "Near seeds",
     "random": "Random",
+    "probe": "Few-shot probe",
+    "new-modes": "New styles",
+    "class-lift": "ImageNet classes",
     "mixed": "Mixed",
     "validate": "Validation sample",
 }
@@ -59,6 +63,7 @@ KEYS = {"positive": ("a", "y"), "negative": ("x", "n"), "skip": ("space", "s"), 
 class ReviewQueue:
     key: tuple
     items: list  # Candidates still to show, best first
+    shares: dict  # the strategy's mixture: part -> its share of the queue ("why this image")
 
 
 project = common.require_project()
@@ -99,8 +104,15 @@ def queue() -> ReviewQueue:
         if current.items:
             return current
     items = loop.query(QUEUE_SIZE)
-    st.session_state[QUEUE] = ReviewQueue(key, items)
+    st.session_state[QUEUE] = ReviewQueue(key, items, loop.shares())
     return st.session_state[QUEUE]
+
+
+def why_text(reason: str | None, shares: dict[str, float]) -> str:
+    """"Why this image: <the part of the mixture that picked it>", then each part's share of the queue."""
+    mix = " · ".join(f"{share:.0%} {md_escape(part)}" for part, share in sorted(shares.items(), key=lambda kv: -kv[1]))
+    why = f"Why this image: {md_escape(reason)}" if reason else "Why this image: ranked by the strategy"
+    return f"{why}. This queue: {mix}" if len(shares) > 1 else why
 
 
 def notify(message: str) -> None:
@@ -145,7 +157,7 @@ def undo() -> None:
     if q is not None and all(c.image_id != event.image_id for c in q.items):
         from bgminer.search import Candidate
 
-        q.items.insert(0, Candidate(event.image_id, project.image_path(event.image_id)))
+        q.items.insert(0, Candidate(event.image_id, project.image_path(event.image_id), reason="undone: decide again"))
 
 
 def save_grid(image_ids: list[int]) -> None:
@@ -235,6 +247,7 @@ with main:
                 st.image(image, width="content")
             parts = (f"#{head.image_id}", common.value_text(head, 3), f"{len(q.items)} in queue", code(head.path))
             st.caption(" · ".join(part for part in parts if part))
+            st.caption(why_text(head.reason, q.shares))
         actions = {
             "positive": ("Positive", ":material/thumb_up:", "primary", decide, (head.image_id, "positive")),
             "negative": ("Negative", ":material/thumb_down:", "secondary", decide, (head.image_id, "negative")),

@@ -44,7 +44,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -54,6 +53,7 @@ from bgminer.evaluate import average_precision, discovery_curve, draw_validation
 from bgminer.index import normalize
 from bgminer.loop import Miner
 from bgminer.model import DEFAULT_ADAPTER_HIDDEN, build_model
+from bgminer.probe import LinearProbe, fit_logistic
 from bgminer.scoring import score
 from bgminer.store import Store
 from bgminer.train import TrainConfig, build_training_set, train
@@ -68,6 +68,7 @@ SEED_POSITIVES = 5
 ESTIMATE_AT = (100, 200)
 ESTIMATE_DRAWS = 20
 VALIDATION_SIZE = 30  # Project.validation_sample's default
+RAW_KEYS = ("corpus", "seed", "loop", "train_positives", "seed_positives", "hidden", "found", "recall", "seconds")
 
 
 @dataclass
@@ -83,6 +84,10 @@ class Data:
 
     def inputs(self, mode: str) -> np.ndarray:
         return self.pooled if mode == "adapter" else self.maps
+
+    def read(self, name: str, ids: np.ndarray) -> np.ndarray:
+        """Rows by image id (= row), as :meth:`bgminer.feature_cache.FeatureCache.read` serves the engine."""
+        return {"pooled": self.pooled, "logits": self.logits}[name][np.asarray(ids, dtype=np.int64)]
 
 
 @dataclass
@@ -143,35 +148,9 @@ def knn_scores(data: Data, positives: np.ndarray, rows: np.ndarray) -> np.ndarra
     return (normalize(data.pooled[rows]) @ normalize(data.pooled[positives]).T).max(axis=1)
 
 
-@dataclass
-class Probe:
-    """A linear scorer ``x @ w + b`` on raw pooled features."""
-
-    w: np.ndarray
-    b: float
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        return x @ self.w + self.b
-
-
-def logistic_probe(x: np.ndarray, y: np.ndarray, c: float = 1.0) -> Probe:
-    """L2-regularised logistic regression on standardised features (sklearn's objective, C=``c``), by L-BFGS."""
-    mean, std = x.mean(axis=0), x.std(axis=0) + 1e-6
-    xt = torch.from_numpy((x - mean) / std).double()
-    yt = torch.from_numpy(y.astype(np.float64))
-    w = torch.zeros(x.shape[1] + 1, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([w], lr=1.0, max_iter=300, tolerance_grad=1e-6, line_search_fn="strong_wolfe")
-
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = F.binary_cross_entropy_with_logits(xt @ w[:-1] + w[-1], yt, reduction="sum") + 0.5 / c * (w[:-1] ** 2).sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    weights = w.detach().numpy()
-    scaled = weights[:-1] / std
-    return Probe(w=scaled.astype(np.float32), b=float(weights[-1] - mean @ scaled))
+def logistic_probe(x: np.ndarray, y: np.ndarray, c: float = 1.0) -> LinearProbe:
+    """The engine's probe (:func:`bgminer.probe.fit_logistic`): sklearn's objective, C=``c``."""
+    return fit_logistic(x, y, c=c)
 
 
 @dataclass
@@ -200,7 +179,7 @@ class Trainer:
         return embeddings, probs[:, 0]
 
 
-def probe_head(model, probe: Probe) -> None:
+def probe_head(model, probe: LinearProbe) -> None:
     """Start the main head at a logistic probe (background logit 0, category logit = probe), in place.
 
     Valid in every mode because the untrained trunk outputs the pretrained pooled features. This
@@ -304,6 +283,8 @@ class BenchProject:
         self.scores: np.ndarray | None = None
         self.embeddings = data.pooled[self.rows]
         self.model = None
+        self.features = data  # pretrained rows by image id (= row of Data), as a project's feature cache
+
 
     def label(self, category: str, image_ids, value: str, source: str = "user", author: str | None = None) -> list[int]:
         return self.store.add_labels(category, [(int(i), value) for i in image_ids], source=source, author=author)
@@ -338,6 +319,7 @@ def run_loop(
     rounds: int,
     per_round: int,
     estimate: bool = False,
+    seeds: np.ndarray | None = None,
 ) -> dict:
     """One review loop on the training split, driven through :class:`bgminer.loop.Miner` (an oracle
     decides). ``learner``: "bs" (default model), "lr", or "none" (no model). A round retrains when
@@ -345,9 +327,11 @@ def run_loop(
     rows = split.train
     truth = data.positive[rows]
     positives = rows[truth]
-    rng = np.random.default_rng(split.seed)
-    seeds = rng.choice(positives, seed_positive_count(len(positives)), replace=False)
+    if seeds is None:
+        rng = np.random.default_rng(split.seed)
+        seeds = rng.choice(positives, seed_positive_count(len(positives)), replace=False)
     reviewed: list[bool] = []
+    reviewed_ids: list[int] = []
     estimates = []
     is_pos = dict(zip(rows.tolist(), truth.tolist(), strict=True))
     mode = str(trainer.overrides.get("mode", TrainConfig().mode))
@@ -370,6 +354,8 @@ def run_loop(
             for candidate in miner.query(per_round):
                 miner.decide(candidate.image_id, "positive" if is_pos[candidate.image_id] else "negative")
                 reviewed.append(is_pos[candidate.image_id])
+                reviewed_ids.append(candidate.image_id)
+        final_scores = project.scores
         project.store.close()
     curve = discovery_curve(reviewed)
     n_seeds = len(seeds)
@@ -386,6 +372,9 @@ def run_loop(
         "recall": {n: f / hidden if hidden else float("nan") for n, f in found.items()},
         "seconds": time.perf_counter() - start,
         "estimates": estimates,
+        "reviewed_ids": reviewed_ids,
+        "seed_ids": [int(i) for i in seeds],
+        "final_scores": final_scores,  # the learner's scores of ``rows`` after the last round (None: no learner)
     }
 
 
@@ -650,7 +639,7 @@ def main(argv: list[str] | None = None) -> None:
     timings["total"] = time.perf_counter() - started
     result["seconds"] = timings
     if args.json:
-        result["raw"] = {"A": rows_a, "B": [{k: v for k, v in r.items() if k != "estimates"} for r in rows_b]}
+        result["raw"] = {"A": rows_a, "B": [{k: v for k, v in r.items() if k in RAW_KEYS} for r in rows_b]}
         print(json.dumps(result, default=float))
         return
     print(

@@ -7,7 +7,8 @@ The Review page, the CLI (``bgminer rank/label/skip/undo``) and ``bench/quality.
 the store (labels, skips, models, jobs) and :meth:`bgminer.project.Project.train`.
 
 What a ``project`` must offer: ``store`` (:class:`bgminer.store.Store`), ``label``, ``undo``,
-``train``, ``ranking_inputs``, ``validation_sample`` and ``auto_retrain_after``.
+``train``, ``ranking_inputs``, ``validation_sample``, ``auto_retrain_after`` and ``features``
+(pretrained feature rows by image id, for the rankers of :mod:`bgminer.explore`).
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from .jobs import JobLimitError, JobRunner
-from .rank import RankContext, make_strategy
+from .rank import RankContext, Strategy
 from .records import LabelEvent, ModelRecord
 from .search import Candidate
 from .settings import Limits
+from .strategies import DEFAULT_STRATEGY, make_strategy
 from .train import TrainConfig
 
 
@@ -76,7 +78,7 @@ class Miner:
         project: Any,
         category: str,
         user: str,
-        strategy: str = "most-likely",
+        strategy: str | Strategy = DEFAULT_STRATEGY,
         *,
         limits: Limits | None = None,
         pool_neighbors: int | None = None,
@@ -84,7 +86,7 @@ class Miner:
     ):
         self.project, self.store, self.category, self.user = project, project.store, category, user
         self.store.category_id(category)  # unknown category -> clear error now
-        self.strategy_name = strategy
+        self.strategy_name = strategy if isinstance(strategy, str) else strategy.label
         self.strategy = make_strategy(strategy, pool_neighbors=pool_neighbors)
         self.limits = limits
         self.seed = seed
@@ -107,11 +109,19 @@ class Miner:
             reviewed_ids=self.skipped(),
             validation_ids=self.project.validation_sample(self.category)["ids"] if self.strategy.uses_validation_sample else (),
             seed=self.seed,
+            features=getattr(self.project, "features", None),
         )
         chosen = self.strategy.query(ctx, n).tolist()
         paths = self.store.image_paths(chosen)
+        reasons = dict(zip(chosen, self.strategy.reasons(chosen), strict=True))
         by_id = dict(zip(ids.tolist(), scores.tolist(), strict=True)) if scores is not None else {}  # none before a model
-        return [Candidate(i, paths[i], by_id[i], "score") if i in by_id else Candidate(i, paths[i]) for i in chosen if i in paths]
+        return [
+            Candidate(i, paths[i], by_id.get(i), "score" if i in by_id else None, reasons[i]) for i in chosen if i in paths
+        ]
+
+    def shares(self) -> dict[str, float]:
+        """The share of the latest queue each part of the strategy's mixture was meant to fill."""
+        return self.strategy.shares()
 
     # -- teach ---------------------------------------------------------------------------
     def decide(self, image_id: int, value: str) -> Decision:

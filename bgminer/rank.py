@@ -8,14 +8,16 @@ so one page is not many copies of one picture. :class:`bgminer.loop.Miner` build
 
 When a strategy's input is missing it falls back to the next one that can run: a score-based
 strategy before the first model -> ``NearestToPositives`` -> ``RandomStrategy`` (no positives or
-no embeddings yet).
+no embeddings yet). The registry of named strategies, and the default one, are in
+:mod:`bgminer.strategies`; rankers over the pretrained features are in :mod:`bgminer.explore`.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 
@@ -41,6 +43,7 @@ class RankContext:
     reviewed_ids: np.ndarray = field(default_factory=_id_array)  # seen, skipped or rejected: never shown again
     validation_ids: np.ndarray = field(default_factory=_id_array)  # the estimator's importance sample, in draw order
     seed: int = 0
+    features: Any = None  # pretrained feature rows by image id: ``read("pooled" | "logits", ids)`` (bgminer.explore)
 
     def __post_init__(self) -> None:
         self.ids = _id_array(self.ids)
@@ -149,9 +152,18 @@ class Strategy(ABC):
     """Ranks available ids for review. Subclasses implement :meth:`rank`; :meth:`query` adds de-duplication."""
 
     uses_validation_sample = False  # True: the caller fills ``RankContext.validation_ids``
+    label = "ranked"  # why an image is shown, in a few words (the Review page's "why this image")
 
     def __init__(self, dedup_threshold: float | None = DEDUP_THRESHOLD):
         self.dedup_threshold = dedup_threshold
+
+    def reasons(self, ids: Sequence[int]) -> list[str]:
+        """Why each of ``ids`` (from the latest :meth:`query`) was picked."""
+        return [self.label] * len(ids)
+
+    def shares(self) -> dict[str, float]:
+        """Each part's share of the queue (one part: everything)."""
+        return {self.label: 1.0}
 
     @abstractmethod
     def rank(self, ctx: RankContext, limit: int) -> np.ndarray:
@@ -175,6 +187,8 @@ class Strategy(ABC):
 class RandomStrategy(Strategy):
     """A uniform random order of the available ids (fixed by ``ctx.seed``)."""
 
+    label = "random pick"
+
     def rank(self, ctx: RankContext, limit: int) -> np.ndarray:
         available = ctx.ids[ctx.available()]
         order = np.random.default_rng(ctx.seed).permutation(len(available))
@@ -183,6 +197,8 @@ class RandomStrategy(Strategy):
 
 class NearestToPositives(Strategy):
     """Nearest neighbours of the labeled positives, merged by each id's best cosine to any positive."""
+
+    label = "near a positive"
 
     def rank(self, ctx: RankContext, limit: int) -> np.ndarray:
         positives = ctx.embedded(ctx.positive_ids) if ctx.embeddings is not None else ctx.positive_ids[:0]
@@ -214,6 +230,8 @@ class _Scored(Strategy):
 class MostLikely(_Scored):
     """Highest score first: the default way to find positives."""
 
+    label = "model score"
+
     def key(self, ctx: RankContext) -> np.ndarray:
         return ctx.scores
 
@@ -224,6 +242,8 @@ class Uncertain(_Scored):
     The boundary is ``boundary`` if given, else midway between the median scores of the labeled
     positives and negatives when both exist, else 0.5.
     """
+
+    label = "uncertain"
 
     def __init__(self, boundary: float | None = None, dedup_threshold: float | None = DEDUP_THRESHOLD):
         super().__init__(dedup_threshold)
@@ -250,6 +270,7 @@ class ValidationSample(Strategy):
     :meth:`bgminer.project.Project.status` estimate the positives left to find."""
 
     uses_validation_sample = True
+    label = "validation sample"
 
     def __init__(self, dedup_threshold: float | None = None):
         super().__init__(dedup_threshold)  # the sample is what it is: near-duplicates included
@@ -263,14 +284,28 @@ class ValidationSample(Strategy):
 class Mixture(Strategy):
     """Interleaves strategies in proportion to their weights (smooth weighted round-robin), without duplicates."""
 
+    label = "mixed"
+
     def __init__(self, parts: Sequence[tuple[Strategy, float]], dedup_threshold: float | None = DEDUP_THRESHOLD):
         super().__init__(dedup_threshold)
         if not parts or any(w <= 0 for _, w in parts):
             raise ValueError("a mixture needs at least one strategy, each with a positive weight")
         self.parts = list(parts)
+        self.picked_by: dict[int, int] = {}  # id -> index of the part that chose it, in the latest rank
+
+    def reasons(self, ids: Sequence[int]) -> list[str]:
+        return [self.parts[self.picked_by[i]][0].label if i in self.picked_by else self.label for i in map(int, ids)]
+
+    def shares(self) -> dict[str, float]:
+        total = sum(w for _, w in self.parts)
+        out: dict[str, float] = {}
+        for strategy, w in self.parts:
+            out[strategy.label] = out.get(strategy.label, 0.0) + w / total
+        return out
 
     def rank(self, ctx: RankContext, limit: int) -> np.ndarray:
         queues = [list(strategy.rank(ctx, limit)) for strategy, _ in self.parts]
+        self.picked_by = {}
         weights = np.array([w for _, w in self.parts], float)
         weights /= weights.sum()
         heads = [0] * len(queues)
@@ -290,6 +325,7 @@ class Mixture(Strategy):
             credit[turn] -= 1.0
             chosen.append(queue[heads[turn]])
             seen.add(queue[heads[turn]])
+            self.picked_by[int(queue[heads[turn]])] = turn
             heads[turn] += 1
         return _id_array(chosen)
 
@@ -306,6 +342,13 @@ class CandidatePool(Strategy):
         self.base = base
         self.k_neighbors = k_neighbors
         self.uses_validation_sample = base.uses_validation_sample
+        self.label = base.label
+
+    def reasons(self, ids: Sequence[int]) -> list[str]:
+        return self.base.reasons(ids)
+
+    def shares(self) -> dict[str, float]:
+        return self.base.shares()
 
     def pool(self, ctx: RankContext) -> np.ndarray | None:
         """The candidate ids, or None when there is no pool to build."""
@@ -320,26 +363,3 @@ class CandidatePool(Strategy):
     def rank(self, ctx: RankContext, limit: int) -> np.ndarray:
         pool = self.pool(ctx)
         return self.base.rank(ctx if pool is None else ctx.restricted(pool), limit)
-
-
-def _mixed() -> Strategy:
-    return Mixture([(MostLikely(), 0.5), (NearestToPositives(), 0.2), (Uncertain(), 0.2), (RandomStrategy(), 0.1)])
-
-
-STRATEGIES: dict[str, Callable[[], Strategy]] = {
-    "most-likely": MostLikely,
-    "uncertain": Uncertain,
-    "near-positives": NearestToPositives,
-    "random": RandomStrategy,
-    "mixed": _mixed,
-    "validate": ValidationSample,
-}
-NEEDS_MODEL = frozenset({"most-likely", "uncertain", "mixed", "validate"})  # fall back (or fail) before the first model
-
-
-def make_strategy(name: str, pool_neighbors: int | None = None) -> Strategy:
-    """A registered strategy by name, wrapped in a SEALS :class:`CandidatePool` when ``pool_neighbors`` is set."""
-    if name not in STRATEGIES:
-        raise ValueError(f"unknown strategy {name!r}; choose from {sorted(STRATEGIES)}")
-    strategy = STRATEGIES[name]()
-    return CandidatePool(strategy, pool_neighbors) if pool_neighbors else strategy

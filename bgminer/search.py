@@ -45,6 +45,7 @@ class Candidate:
     path: str
     value: float | None = None
     kind: CandidateKind | None = None
+    reason: str | None = None  # why the review strategy picked it (the part of its mixture), in a few words
 
     def __post_init__(self) -> None:
         if (self.value is None) != (self.kind is None) or self.kind not in (None, *CANDIDATE_KINDS):

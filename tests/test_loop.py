@@ -10,7 +10,7 @@ from bgminer.cli import main as cli
 from bgminer.jobs import JobRunner
 from bgminer.loop import Miner
 from bgminer.project import Project
-from bgminer.rank import NEEDS_MODEL, STRATEGIES
+from bgminer.strategies import NEEDS_MODEL, STRATEGIES
 from bgminer.settings import Limits
 from bgminer.store import UndoConflict
 from bgminer.train import TrainConfig

@@ -7,7 +7,6 @@ import pytest
 
 from bgminer.index import build_index
 from bgminer.rank import (
-    STRATEGIES,
     CandidatePool,
     Mixture,
     MostLikely,
@@ -17,9 +16,9 @@ from bgminer.rank import (
     Strategy,
     Uncertain,
     ValidationSample,
-    make_strategy,
     suppress_near_duplicates,
 )
+from bgminer.strategies import STRATEGIES, make_strategy
 
 N, DIM = 400, 32
 
@@ -34,6 +33,21 @@ def corpus(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return np.arange(10, 10 + N, dtype=np.int64), emb, scores.astype(np.float32)
 
 
+class Features:
+    """Pretrained rows by image id, as a project's feature cache serves them: pooled = the embeddings,
+    logits that put cluster c's mass on ImageNet classes 10c..10c+9."""
+
+    def __init__(self, ids: np.ndarray, emb: np.ndarray):
+        self.row = {int(i): r for r, i in enumerate(ids)}
+        cluster = np.arange(len(ids)) % 8
+        self.arrays = {"pooled": emb, "logits": np.zeros((len(ids), 1000), np.float16)}
+        for c in range(8):
+            self.arrays["logits"][cluster == c, 10 * c : 10 * c + 10] = 4.0
+
+    def read(self, name: str, ids) -> np.ndarray:
+        return self.arrays[name][[self.row[int(i)] for i in ids]]
+
+
 def context(embeddings: str = "array", **overrides) -> RankContext:
     ids, emb, scores = corpus()
     source = build_index(emb, ids, kind="exact") if embeddings == "index" else emb
@@ -46,6 +60,7 @@ def context(embeddings: str = "array", **overrides) -> RankContext:
         "reviewed_ids": ids[[24, 32, 40, 4, 5]],
         "validation_ids": ids[::-3],  # the estimator's sample, excluded ids among it
         "seed": 3,
+        "features": Features(ids, emb),
     }
     fields.update(overrides)
     return RankContext(**fields)
@@ -178,7 +193,10 @@ def test_validate_returns_the_samples_unlabeled_ids_in_draw_order_once_each():
 
 
 def test_registry_names_and_unknown_names():
-    assert set(STRATEGIES) == {"most-likely", "uncertain", "near-positives", "random", "mixed", "validate"}
+    assert set(STRATEGIES) == {
+        "auto", "most-likely", "uncertain", "near-positives", "probe", "new-modes", "class-lift", "unexplored", "random",
+        "mixed", "validate",
+    }
     assert isinstance(make_strategy("mixed"), Mixture)
     assert isinstance(make_strategy("uncertain", pool_neighbors=50), CandidatePool)
     with pytest.raises(ValueError, match="unknown strategy"):

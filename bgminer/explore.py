@@ -1,0 +1,235 @@
+"""Rankers that look past the trained model, for rare classes that come in several styles.
+
+A model trained from a few seeds learns the seeds' mode (their style: photos, icons, line art)
+and ranks the class's other modes no higher than background. The pretrained ImageNet
+classifier is the one signal here that is semantic across styles: a drawn bird and a photo of
+a bird both put mass on bird classes. These rankers read the pretrained features through
+``RankContext.features`` (the project's :class:`~bgminer.feature_cache.FeatureCache`, rows by
+image id) and are mixed into the default strategy (:func:`bgminer.rank.make_strategy`):
+
+- :class:`ProbeRanker`: a logistic-regression probe on the pretrained pooled features, the
+  labeled positives against the labeled negatives plus a sample of the corpus as background.
+  The strongest ranker at a handful of positives (``docs/quality.md``, protocols A and C).
+- :class:`SemanticNeighbours`: SEALS-style neighbourhoods of *every* positive, in the
+  ImageNet-probability space (Hellinger: cosine of square-root probabilities), visited
+  round-robin so a mode with one found member is explored as fast as the seeds' mode.
+- :class:`ClassLift`: the probability mass on the ImageNet classes lifted among the positives.
+- :class:`RankFusion`: reciprocal-rank fusion of several rankers' orders.
+
+Each reads at most ``MAX_BACKGROUND`` rows to fit and streams the rest in chunks, so memory
+stays flat with the corpus; their cost is in ``docs/benchmarks.md``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Protocol
+
+import numpy as np
+
+from .probe import fit_logistic
+from .rank import RankContext, Strategy, _id_array, _top
+
+CHUNK_ROWS = 32_768
+MAX_BACKGROUND = 20_000  # corpus rows sampled as background for the probe and the class lift
+PROBE_C = 1.0
+LIFT_CLASSES = 10
+MIN_CLASS_MASS = 0.01  # a lifted class must hold this much of the positives' mean probability
+FUSION_K = 60  # reciprocal-rank fusion constant (Cormack et al., 2009)
+
+
+class FeatureSource(Protocol):
+    """Pretrained feature rows by image id: ``read("pooled" | "logits", ids)``."""
+
+    def read(self, name: str, ids: np.ndarray) -> np.ndarray: ...
+
+
+def chunked(ids: np.ndarray, rows: int = CHUNK_ROWS) -> Iterator[np.ndarray]:
+    for start in range(0, len(ids), rows):
+        yield ids[start : start + rows]
+
+
+def hellinger(logits: np.ndarray) -> np.ndarray:
+    """Square roots of the softmax probabilities: unit rows whose dot product is the Bhattacharyya coefficient."""
+    x = np.asarray(logits, dtype=np.float32)
+    x = np.exp(x - x.max(axis=1, keepdims=True))
+    x /= x.sum(axis=1, keepdims=True)
+    return np.sqrt(x)
+
+
+def background_sample(ctx: RankContext, n: int = MAX_BACKGROUND) -> np.ndarray:
+    """Up to ``n`` unlabeled ids, fixed by the context's ids (not its seed, so a page's queue is stable)."""
+    unlabeled = ctx.ids[~np.isin(ctx.ids, np.concatenate([ctx.positive_ids, ctx.negative_ids]))]
+    if len(unlabeled) <= n:
+        return unlabeled
+    return np.sort(np.random.default_rng(len(ctx.ids)).choice(unlabeled, n, replace=False))
+
+
+class _FeatureRanker(Strategy):
+    """A ranker over the pretrained features; falls back to ``fallback`` when it cannot run."""
+
+    def __init__(self, dedup_threshold: float | None = None):
+        super().__init__(dedup_threshold)
+
+    def can_run(self, ctx: RankContext) -> bool:
+        return ctx.features is not None and len(ctx.positive_ids) > 0
+
+    def scores(self, ctx: RankContext, ids: np.ndarray) -> np.ndarray:
+        """Higher first, one per id of ``ids``."""
+        raise NotImplementedError
+
+    def prepare(self, ctx: RankContext) -> None:
+        """Fit whatever :meth:`scores` needs (once per :meth:`rank`)."""
+
+    def rank(self, ctx: RankContext, limit: int) -> np.ndarray:
+        if not self.can_run(ctx):
+            from .rank import NearestToPositives
+
+            return NearestToPositives().rank(ctx, limit)
+        self.prepare(ctx)
+        available = ctx.ids[ctx.available()]
+        keys = np.concatenate([self.scores(ctx, chunk) for chunk in chunked(available)] or [np.zeros(0, np.float32)])
+        return _top(available, keys, limit)
+
+
+class ProbeRanker(_FeatureRanker):
+    """Logistic regression on pretrained pooled features: positives vs. negatives and background."""
+
+    label = "few-shot probe"
+
+    def prepare(self, ctx: RankContext) -> None:
+        background = background_sample(ctx)
+        negatives = np.union1d(ctx.negative_ids, background)
+        ids = np.concatenate([ctx.positive_ids, negatives])
+        y = np.r_[np.ones(len(ctx.positive_ids), bool), np.zeros(len(negatives), bool)]
+        # the sample stands in for the whole unlabeled corpus
+        unlabeled = len(ctx.ids) - len(np.union1d(ctx.positive_ids, ctx.negative_ids))
+        weight = np.where(np.isin(ids, background), max(1.0, unlabeled / max(len(background), 1)), 1.0)
+        self.probe = fit_logistic(ctx.features.read("pooled", ids), y, c=PROBE_C, weight=weight)
+
+    def scores(self, ctx: RankContext, ids: np.ndarray) -> np.ndarray:
+        return self.probe(ctx.features.read("pooled", ids))
+
+
+class ClassLift(_FeatureRanker):
+    """Mass on the ImageNet classes most lifted among the positives relative to the corpus,
+    each weighted by its log-lift."""
+
+    label = "ImageNet classes of the positives"
+
+    def prepare(self, ctx: RankContext) -> None:
+        positive = hellinger(ctx.features.read("logits", ctx.positive_ids)) ** 2
+        corpus = np.zeros(positive.shape[1], np.float64)
+        background = background_sample(ctx)
+        for chunk in chunked(background):
+            corpus += (hellinger(ctx.features.read("logits", chunk)) ** 2).sum(axis=0)
+        corpus /= max(len(background), 1)
+        p = positive.mean(axis=0)
+        lift = np.log((p + 1e-4) / (corpus + 1e-4))
+        classes = np.argsort(-(p * np.maximum(lift, 0)))[:LIFT_CLASSES]
+        classes = classes[(lift[classes] > 0) & (p[classes] >= MIN_CLASS_MASS)]
+        self.classes, self.weights = classes, lift[classes].astype(np.float32)
+
+    def scores(self, ctx: RankContext, ids: np.ndarray) -> np.ndarray:
+        probs = hellinger(ctx.features.read("logits", ids)) ** 2
+        return probs[:, self.classes] @ self.weights if len(self.classes) else np.zeros(len(ids), np.float32)
+
+
+class SemanticNeighbours(_FeatureRanker):
+    """Each positive's nearest available images in ImageNet-probability space, taken round-robin
+    over the positives (the latest found first), so every mode found so far is explored."""
+
+    label = "like a found positive, any style"
+
+    def rank(self, ctx: RankContext, limit: int) -> np.ndarray:
+        if not self.can_run(ctx):
+            return super().rank(ctx, limit)
+        positives = ctx.positive_ids[::-1][:MAX_POSITIVES_EXPLORED]
+        queries = hellinger(ctx.features.read("logits", positives))
+        per = min(limit, len(ctx.ids))  # positives may share neighbours: each brings up to ``limit``
+        available = ctx.ids[ctx.available()]
+        best_sim = np.full((len(positives), per), -np.inf, np.float32)
+        best_ids = np.full((len(positives), per), -1, np.int64)
+        for chunk in chunked(available):
+            sims = queries @ hellinger(ctx.features.read("logits", chunk)).T  # [P, chunk]
+            merged_sim = np.concatenate([best_sim, sims], axis=1)
+            merged_ids = np.concatenate([best_ids, np.broadcast_to(chunk, sims.shape)], axis=1)
+            keep = np.argpartition(-merged_sim, per - 1, axis=1)[:, :per] if merged_sim.shape[1] > per else None
+            if keep is not None:
+                merged_sim = np.take_along_axis(merged_sim, keep, axis=1)
+                merged_ids = np.take_along_axis(merged_ids, keep, axis=1)
+            keep = np.lexsort((merged_ids, -merged_sim), axis=1)[:, :per]
+            best_sim = np.take_along_axis(merged_sim, keep, axis=1)
+            best_ids = np.take_along_axis(merged_ids, keep, axis=1)
+        order = best_ids.T.ravel()  # round-robin: every positive's best, then every positive's second, ...
+        order = order[order >= 0]
+        _, first = np.unique(order, return_index=True)
+        return order[np.sort(first)][:limit]
+
+
+MAX_POSITIVES_EXPLORED = 256  # the newest positives whose neighbourhoods one query visits
+
+
+class RankFusion(Strategy):
+    """Reciprocal-rank fusion: each id scores ``sum_i 1 / (FUSION_K + rank_i)`` over the parts' orders."""
+
+    def __init__(self, parts: Sequence[Strategy], depth: int = 2_000, dedup_threshold: float | None = None):
+        super().__init__(dedup_threshold)
+        self.parts, self.depth = list(parts), depth
+        self.label = " + ".join(p.label for p in self.parts)
+
+    def rank(self, ctx: RankContext, limit: int) -> np.ndarray:
+        depth = max(self.depth, limit)
+        fused: dict[int, float] = {}
+        for part in self.parts:
+            for r, i in enumerate(part.rank(ctx, depth).tolist()):
+                fused[i] = fused.get(i, 0.0) + 1.0 / (FUSION_K + r + 1)
+        if not fused:
+            return _id_array()
+        ids = np.fromiter(fused, np.int64, len(fused))
+        return _top(ids, np.fromiter(fused.values(), np.float64, len(fused)), limit)
+
+
+CLUSTERS = 64
+CLUSTER_SAMPLE = 20_000
+
+
+class UnexploredClusters(_FeatureRanker):
+    """The most central images of the corpus's k-means clusters (pretrained pooled features) that
+    hold no labeled positive yet, largest cluster first, one per cluster per turn: a look at
+    the parts of the corpus no positive has led to."""
+
+    label = "a cluster with no positive yet"
+
+    def __init__(self, clusters: int = CLUSTERS, dedup_threshold: float | None = None):
+        super().__init__(dedup_threshold)
+        self.clusters = clusters
+
+    def can_run(self, ctx: RankContext) -> bool:
+        return ctx.features is not None and len(ctx.ids) > self.clusters
+
+    def rank(self, ctx: RankContext, limit: int) -> np.ndarray:
+        if not self.can_run(ctx):
+            return super().rank(ctx, limit)
+        import faiss
+
+        from .index import normalize
+
+        rng = np.random.default_rng(len(ctx.ids))
+        sample = np.sort(rng.choice(ctx.ids, min(CLUSTER_SAMPLE, len(ctx.ids)), replace=False))
+        kmeans = faiss.Kmeans(ctx.features.read("pooled", sample[:1]).shape[1], self.clusters, niter=10, seed=1)
+        kmeans.train(normalize(ctx.features.read("pooled", sample)))
+        available = ctx.ids[ctx.available()]
+        cluster_of, distance = {}, {}
+        for chunk in chunked(np.union1d(available, ctx.positive_ids)):
+            d, c = kmeans.index.search(normalize(ctx.features.read("pooled", chunk)), 1)
+            cluster_of.update(zip(chunk.tolist(), c[:, 0].tolist(), strict=True))
+            distance.update(zip(chunk.tolist(), d[:, 0].tolist(), strict=True))
+        explored = {cluster_of[int(i)] for i in ctx.positive_ids if int(i) in cluster_of}
+        members: dict[int, list[int]] = {}
+        for i in available.tolist():
+            if cluster_of[i] not in explored:
+                members.setdefault(cluster_of[i], []).append(i)
+        queues = [sorted(m, key=lambda i: (distance[i], i)) for m in sorted(members.values(), key=len, reverse=True)]
+        order = [q[k] for k in range(max(map(len, queues), default=0)) for q in queues if k < len(q)]
+        return _id_array(order[:limit])

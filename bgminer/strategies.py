@@ -1,0 +1,98 @@
+"""The named review strategies, and the default one.
+
+``auto`` (the default of the Review page, the CLI and :class:`bgminer.loop.Miner`) is chosen
+by the multi-style benchmark (``bench/multimode.py``, protocol C; ``docs/quality.md``): while a
+category has fewer than ``COLD_START_POSITIVES`` positives or no model it ranks with the
+pretrained features alone; afterwards the trained model's order is fused with them. A share of
+every queue explores the neighbourhoods of every positive found so far, so a second style of
+the class, once one member is found, is followed up at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from .explore import ClassLift, ProbeRanker, RankFusion, SemanticNeighbours, UnexploredClusters
+from .rank import (
+    CandidatePool,
+    Mixture,
+    MostLikely,
+    NearestToPositives,
+    RandomStrategy,
+    RankContext,
+    Strategy,
+    Uncertain,
+    ValidationSample,
+)
+
+COLD_START_POSITIVES = 20  # below this, the pretrained-feature rankers alone (bench/multimode.py)
+EXPLORE_SHARE = 0.25  # of each queue: neighbourhoods of every found positive, any style
+UNEXPLORED_SHARE = 0.0  # of each queue: central images of clusters that hold no positive
+UNCERTAIN_SHARE = 0.0  # of each queue, once a model exists: scores nearest the boundary
+WARM_MAIN = "fusion"  # with a model and enough positives: "fusion" (model + probe) or "model"
+
+
+class Auto(Strategy):
+    """The default: a mixture chosen per query by what the benchmark showed wins at this count."""
+
+    label = "auto"
+
+    def __init__(self, dedup_threshold: float | None = None):
+        super().__init__(dedup_threshold)
+        self.current: Strategy = Mixture([(ProbeRanker(), 1.0)])
+
+    def choose(self, ctx: RankContext) -> Strategy:
+        warm = ctx.scores is not None and len(ctx.positive_ids) >= COLD_START_POSITIVES
+        main: Strategy = ProbeRanker()
+        if warm:
+            main = RankFusion([MostLikely(None), ProbeRanker()]) if WARM_MAIN == "fusion" else MostLikely(None)
+        shares = [(SemanticNeighbours(), EXPLORE_SHARE), (UnexploredClusters(), UNEXPLORED_SHARE)]
+        if ctx.scores is not None:
+            shares.append((Uncertain(None), UNCERTAIN_SHARE))
+        parts = [(main, 1.0 - sum(w for _, w in shares))] + [(s, w) for s, w in shares if w > 0]
+        return Mixture(parts, dedup_threshold=None)
+
+    def rank(self, ctx: RankContext, limit: int) -> np.ndarray:
+        self.current = self.choose(ctx)
+        return self.current.rank(ctx, limit)
+
+    def reasons(self, ids) -> list[str]:
+        return self.current.reasons(ids)
+
+    def shares(self) -> dict[str, float]:
+        return self.current.shares()
+
+
+def _mixed() -> Strategy:
+    return Mixture([(MostLikely(), 0.5), (NearestToPositives(), 0.2), (Uncertain(), 0.2), (RandomStrategy(), 0.1)])
+
+
+STRATEGIES: dict[str, Callable[[], Strategy]] = {
+    "auto": Auto,
+    "most-likely": MostLikely,
+    "uncertain": Uncertain,
+    "near-positives": NearestToPositives,
+    "probe": ProbeRanker,
+    "new-modes": SemanticNeighbours,
+    "class-lift": ClassLift,
+    "unexplored": UnexploredClusters,
+    "random": RandomStrategy,
+    "mixed": _mixed,
+    "validate": ValidationSample,
+}
+DEFAULT_STRATEGY = "auto"
+NEEDS_MODEL = frozenset({"most-likely", "uncertain", "mixed", "validate"})  # fall back (or fail) before the first model
+
+
+def make_strategy(name: str | Strategy, pool_neighbors: int | None = None) -> Strategy:
+    """A registered strategy by name (or a Strategy as is), wrapped in a SEALS :class:`CandidatePool`
+    when ``pool_neighbors`` is set."""
+    if isinstance(name, Strategy):
+        strategy = name
+    elif name in STRATEGIES:
+        strategy = STRATEGIES[name]()
+    else:
+        raise ValueError(f"unknown strategy {name!r}; choose from {sorted(STRATEGIES)}")
+    return CandidatePool(strategy, pool_neighbors) if pool_neighbors else strategy

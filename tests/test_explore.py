@@ -1,0 +1,123 @@
+"""The rankers over pretrained features (bgminer.explore) and the default strategy (bgminer.strategies).
+
+The synthetic corpus has 8 clusters of pooled features; the rare class is cluster 0 plus cluster 5,
+a second "style" whose pooled features look nothing like cluster 0's but whose ImageNet logits put
+mass on the same classes, as a drawn bird and a photographed bird do.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bgminer import strategies
+from bgminer.explore import ClassLift, ProbeRanker, RankFusion, SemanticNeighbours, UnexploredClusters, hellinger
+from bgminer.probe import fit_logistic
+from bgminer.rank import MostLikely, RankContext
+
+N, DIM = 480, 16
+
+
+class Features:
+    def __init__(self, ids: np.ndarray, pooled: np.ndarray, logits: np.ndarray):
+        self.row = {int(i): r for r, i in enumerate(ids)}
+        self.arrays = {"pooled": pooled, "logits": logits}
+
+    def read(self, name: str, ids) -> np.ndarray:
+        return self.arrays[name][[self.row[int(i)] for i in ids]]
+
+
+def corpus(seed: int = 0):
+    rng = np.random.default_rng(seed)
+    cluster = np.arange(N) % 8
+    centers = rng.standard_normal((8, DIM)) * 3
+    pooled = (centers[cluster] + rng.standard_normal((N, DIM))).astype(np.float32)
+    logits = rng.standard_normal((N, 1000)).astype(np.float32)
+    concept = np.array([0, 1, 2, 3, 4, 0, 6, 7])[cluster]  # cluster 5 shares cluster 0's classes
+    for c in range(8):
+        logits[concept == c, 10 * c : 10 * c + 5] += 6.0
+    ids = np.arange(100, 100 + N, dtype=np.int64)
+    positive = np.isin(cluster, [0, 5])
+    return ids, cluster, positive, Features(ids, pooled, logits.astype(np.float16))
+
+
+def ctx_for(positives, negatives=(), scores=None, seed: int = 0) -> RankContext:
+    ids, _, _, features = corpus(seed)
+    return RankContext(ids=ids, scores=scores, positive_ids=positives, negative_ids=negatives, features=features)
+
+
+def test_logistic_probe_separates_and_refuses_one_class():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((200, 5))
+    y = x[:, 0] > 0.5
+    probe = fit_logistic(x, y)
+    assert np.corrcoef(probe(x), x[:, 0])[0, 1] > 0.9
+    with pytest.raises(ValueError, match="positive and negative"):
+        fit_logistic(x, np.ones(200, bool))
+
+
+def test_probe_ranks_the_seed_cluster_first():
+    ids, cluster, _, _ = corpus()
+    got = ProbeRanker().rank(ctx_for(ids[cluster == 0][:3]), 30)
+    assert (cluster[np.searchsorted(ids, got)] == 0).mean() > 0.9
+
+
+def test_semantic_neighbours_cross_styles_and_visit_every_positive():
+    ids, cluster, _, _ = corpus()
+    seeds = ids[cluster == 0][:3]
+    got = SemanticNeighbours().rank(ctx_for(seeds), 40)
+    # the other style (cluster 5) shares the ImageNet classes: it is reached with no example of it
+    assert np.isin(cluster[np.searchsorted(ids, got)], [0, 5]).all()
+    assert (cluster[np.searchsorted(ids, got)] == 5).any()
+    # round-robin: with one positive of cluster 3 found, its neighbours come up in the first turn
+    found = np.r_[seeds, ids[cluster == 3][:1]]
+    first = SemanticNeighbours().rank(ctx_for(found), len(found))
+    assert (cluster[np.searchsorted(ids, first)] == 3).any()
+
+
+def test_hellinger_rows_are_unit_and_class_lift_finds_the_concepts_classes():
+    ids, cluster, _, features = corpus()
+    rows = hellinger(features.read("logits", ids[:10]))
+    np.testing.assert_allclose(np.linalg.norm(rows, axis=1), 1.0, atol=1e-4)
+    ranker = ClassLift()
+    got = ranker.rank(ctx_for(ids[cluster == 0][:3]), 60)
+    assert set(ranker.classes.tolist()) <= set(range(5))
+    assert np.isin(cluster[np.searchsorted(ids, got)], [0, 5]).all()
+
+
+def test_unexplored_clusters_stay_away_from_the_positives_clusters():
+    ids, cluster, _, _ = corpus()
+    ranker = UnexploredClusters(clusters=8)
+    got = ranker.rank(ctx_for(ids[cluster == 0][:3]), 24)
+    picked = cluster[np.searchsorted(ids, got)]
+    assert 0 not in picked and len(set(picked.tolist())) >= 5  # one per unexplored cluster first
+
+
+def test_fusion_keeps_what_both_parts_agree_on():
+    ids, cluster, _, _ = corpus()
+    scores = np.where(cluster == 0, 0.9, 0.1).astype(np.float32)
+    ctx = ctx_for(ids[cluster == 0][:3], scores=scores)
+    got = RankFusion([MostLikely(None), ProbeRanker()]).rank(ctx, 20)
+    assert (cluster[np.searchsorted(ids, got)] == 0).all()
+
+
+def test_auto_is_cold_then_warm_and_says_why(monkeypatch):
+    ids, cluster, positive, _ = corpus()
+    auto = strategies.make_strategy("auto")
+    cold = ctx_for(ids[cluster == 0][:3])
+    got = auto.query(cold, 20)
+    assert len(got) == 20 and not np.isin(got, cold.excluded_ids).any()
+    reasons = auto.reasons(got)
+    assert "few-shot probe" in reasons and "like a found positive, any style" in reasons
+    assert abs(sum(auto.shares().values()) - 1) < 1e-9
+    monkeypatch.setattr(strategies, "COLD_START_POSITIVES", 2)
+    warm = ctx_for(ids[cluster == 0][:3], scores=np.where(cluster == 0, 0.8, 0.2).astype(np.float32))
+    auto.query(warm, 20)
+    assert any("model score" in part for part in auto.shares())
+
+
+def test_auto_without_features_falls_back_to_what_can_run():
+    ids, cluster, _, _ = corpus()
+    ctx = RankContext(ids=ids, positive_ids=ids[:2])
+    got = strategies.make_strategy("auto").query(ctx, 10)
+    assert len(got) == 10 and not np.isin(got, ids[:2]).any()
