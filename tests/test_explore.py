@@ -102,7 +102,7 @@ def test_fusion_keeps_what_both_parts_agree_on():
 
 
 def test_auto_is_cold_then_warm_and_says_why(monkeypatch):
-    ids, cluster, positive, _ = corpus()
+    ids, cluster, _positive, _ = corpus()
     auto = strategies.make_strategy("auto")
     cold = ctx_for(ids[cluster == 0][:3])
     got = auto.query(cold, 20)
@@ -117,7 +117,7 @@ def test_auto_is_cold_then_warm_and_says_why(monkeypatch):
 
 
 def test_auto_without_features_falls_back_to_what_can_run():
-    ids, cluster, _, _ = corpus()
+    ids, _cluster, _, _ = corpus()
     ctx = RankContext(ids=ids, positive_ids=ids[:2])
     got = strategies.make_strategy("auto").query(ctx, 10)
     assert len(got) == 10 and not np.isin(got, ids[:2]).any()

@@ -10,9 +10,9 @@ from bgminer.cli import main as cli
 from bgminer.jobs import JobRunner
 from bgminer.loop import Miner
 from bgminer.project import Project
-from bgminer.strategies import NEEDS_MODEL, STRATEGIES
 from bgminer.settings import Limits
 from bgminer.store import UndoConflict
+from bgminer.strategies import NEEDS_MODEL, STRATEGIES
 from bgminer.train import TrainConfig
 
 ALICE, BOB = "alice@example.org", "bob@example.org"
