@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Run on a CUDA machine from the repository root: embedding + full-mode training, images/s and peak GPU memory.
+# Run on a CUDA machine from the repository root: embedding (decode workers, nvJPEG) + full-mode training, images/s
+# and peak GPU memory. Arguments go to bench/gpu_check.py (e.g. --sweep 4 8 16 for img/s per decode-worker count).
 # Where the pretrained-weights package is not installed, put its files in .gpu/site (see docs) and they are used.
 set -euo pipefail
 cd "$(dirname "$0")/.."

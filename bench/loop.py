@@ -8,17 +8,25 @@ background thread after the round returned.
 
 10k uses real clip-art features (bench/datasets.py; the 6,883 distinct images, topped up to
 10k with jittered copies); larger sizes use synthetic features of the real shape (1280-d
-pooled features, 1000 ImageNet logits from the real classifier). Images rows point at no
-files: adapter mode never decodes pixels.
+pooled features, 1000 ImageNet logits from the real classifier), generated and written chunk
+by chunk (1M x 1280 never sits in RAM). Images rows point at no files: adapter mode never
+decodes pixels.
+
+Memory per round (this process, sampled every 0.1 s from /proc/self/status from the start of
+training until the round returns): peak RSS (``VmHWM`` after resetting it), and its anonymous
+(heap, tensors) and file-backed (mapped files: feature cache, libraries) parts.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -49,28 +57,80 @@ def real_features(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndar
     return pooled[:n], logits[:n], rare[:n]
 
 
-def synthetic_features(
+CHUNK = 65_536
+
+
+def synthetic_chunks(
     n: int, rng: np.random.Generator, classifier: torch.nn.Linear
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(pooled, logits, rare) for ``n`` images, CHUNK rows at a time: 64 clusters, cluster 0 is rare."""
     centers = rng.gamma(1.0, 0.4, size=(64, 1280)).astype(np.float32)
-    cluster = rng.integers(0, 64, n)
-    pooled = centers[cluster] + rng.gamma(1.0, 0.1, size=(n, 1280)).astype(np.float32)
-    with torch.inference_mode():
-        logits = torch.cat([classifier(torch.from_numpy(pooled[i : i + 8192])) for i in range(0, n, 8192)]).numpy()
-    return pooled, logits.astype(np.float16), cluster == 0
+    for start in range(0, n, CHUNK):
+        rows = min(CHUNK, n - start)
+        cluster = rng.integers(0, 64, rows)
+        pooled = centers[cluster] + rng.gamma(1.0, 0.1, size=(rows, 1280)).astype(np.float32)
+        with torch.inference_mode():
+            logits = classifier(torch.from_numpy(pooled)).numpy().astype(np.float16)
+        yield pooled, logits, cluster == 0
 
 
-def make_project(root: Path, pooled: np.ndarray, logits: np.ndarray) -> Project:
+def make_project(root: Path, n: int, chunks: Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> tuple[Project, np.ndarray]:
+    """A project of ``n`` embedded images whose cached features come from ``chunks``; returns it and the rare mask."""
+    from bgminer.feature_cache import write_rows
+
     project = Project.create(root)
-    n = len(pooled)
-    project.store.add_images([{"path": f"/synthetic/{i}.png", "sha256": f"{i:064x}", "status": "ok"} for i in range(n)])
-    ids = np.arange(1, n + 1)
+    for start in range(0, n, 100_000):
+        rows = range(start, min(n, start + 100_000))
+        project.store.add_images([{"path": f"/synthetic/{i}.png", "sha256": f"{i:064x}", "status": "ok"} for i in rows])
     cache = project.features
     cache.ensure_capacity(n + 1)
-    cache.open("pooled", writable=True)[ids] = pooled
-    cache.open("logits", writable=True)[ids] = logits
-    project.store.mark_embedded(ids.tolist())
-    return project
+    rare, begin = [], 1
+    for pooled, logits, is_rare in chunks:
+        ids = np.arange(begin, begin + len(pooled))
+        write_rows(cache.path("pooled"), ids, pooled)
+        write_rows(cache.path("logits"), ids, logits.astype(np.float16))
+        project.store.mark_embedded(ids.tolist())
+        rare.append(is_rare)
+        begin += len(pooled)
+    return project, np.concatenate(rare)
+
+
+class MemorySampler:
+    """Peak RSS (VmHWM, reset at start) and the peaks of its anonymous and file-backed parts, in MB."""
+
+    def __init__(self) -> None:
+        self.peak = {"RssAnon": 0, "RssFile": 0}
+        self._stop = threading.Event()
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # reset VmHWM to the current RSS
+        except OSError:
+            pass
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def status() -> dict[str, int]:
+        out = {}
+        with open("/proc/self/status") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                if key in ("VmHWM", "RssAnon", "RssFile"):
+                    out[key] = int(rest.split()[0]) // 1024
+        return out
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            now = self.status()
+            for key in self.peak:
+                self.peak[key] = max(self.peak[key], now[key])
+            self._stop.wait(0.1)
+
+    def stop(self) -> dict[str, int]:
+        self._stop.set()
+        self._thread.join()
+        now = self.status()
+        return {"peak_rss_mb": now["VmHWM"], "peak_rss_anon_mb": self.peak["RssAnon"], "peak_rss_file_mb": self.peak["RssFile"]}
 
 
 def one_round(project: Project, rare: np.ndarray, rng: np.random.Generator) -> dict[str, float]:
@@ -79,9 +139,11 @@ def one_round(project: Project, rare: np.ndarray, rng: np.random.Generator) -> d
     project.label(CATEGORY, rng.choice(ids[rare], 20, replace=False).tolist(), "positive")
     project.label(CATEGORY, rng.choice(ids[~rare], 20, replace=False).tolist(), "negative")
     project.index()  # the pretrained index exists before the first round, as in the app
+    memory = MemorySampler()
     t0 = time.perf_counter()
     record = project.train(CATEGORY)
     t1 = time.perf_counter()
+    round_memory = memory.stop()
     page = Miner(project, CATEGORY, "bench").query(50)
     t2 = time.perf_counter()
     project.wait_for_index()
@@ -97,6 +159,7 @@ def one_round(project: Project, rare: np.ndarray, rng: np.random.Generator) -> d
         "index_build_s": project.finder.build_seconds[record.id],  # on its thread, overlapping the first page
         "index_ready_s": t3 - t0,  # until "more like this" uses the new version
         "positives_in_first_page": found,
+        **round_memory,
     }
 
 
@@ -112,21 +175,25 @@ def main(argv: list[str] | None = None) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             if n <= 10_000:
                 pooled, logits, rare = real_features(n, rng)
+                chunks = iter([(pooled, logits, rare)])
                 source = "real clip-art features"
             else:
-                pooled, logits, rare = synthetic_features(n, rng, Project.create(Path(tmp) / "probe").backbone.classifier)
+                chunks = synthetic_chunks(n, rng, Project.create(Path(tmp) / "probe").backbone.classifier)
                 source = "synthetic, real shape"
-            project = make_project(Path(tmp) / "p", pooled, logits)
+            project, rare = make_project(Path(tmp) / "p", n, chunks)
+            load = os.getloadavg()[0]
             row = {"images": n, "features": source, **one_round(project, rare, rng)}
+            row.update(load_average_before=round(load, 2), load_average_after=round(os.getloadavg()[0], 2))
             results.append(row)
     if args.json:
         print(json.dumps({"benchmark": "loop", "threads": torch.get_num_threads(), "results": results}))
         return
     columns = ("train_s", "score_s", "activate_s", "first_page_s", "round_s", "index_build_s", "index_ready_s")
-    print(f"{'images':>8} {'features':<24} " + " ".join(f"{c:>14}" for c in columns) + f" {'pos in page':>12}")
+    header = " ".join(f"{c:>14}" for c in columns)
+    print(f"{'images':>8} {'features':<24} {header} {'pos in page':>12} {'peak RSS MB':>12}")
     for r in results:
         phases = " ".join(f"{r[c]:>14.3f}" for c in columns)
-        print(f"{r['images']:>8} {r['features']:<24} {phases} {r['positives_in_first_page']:>12}")
+        print(f"{r['images']:>8} {r['features']:<24} {phases} {r['positives_in_first_page']:>12} {r['peak_rss_mb']:>12}")
 
 
 if __name__ == "__main__":

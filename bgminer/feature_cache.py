@@ -9,11 +9,19 @@ Writers in any process take the folder's lock (``.lock``) for each batch and eac
 mark rows embedded only once their bytes are flushed into the file readers map; rows marked
 embedded but all zeros are un-marked (:func:`unmark_zero_rows`) so they are embedded again.
 No torch here: opening a project (and ``bgminer info``) needs only this module.
+
+Rows are written and bulk-read with file reads and writes (:func:`read_rows`), not through a map:
+the bytes pass through the OS page cache either way, but pages touched through a map count in the
+process's resident memory until it unmaps them, so embedding or scoring a million images through
+maps would "grow" the process by the size of the files it touched (reclaimable, file-backed pages,
+yet they inflate RSS and the peak that ``getrusage`` reports). Readers still map the files.
 """
 
 from __future__ import annotations
 
 import fcntl
+import itertools
+import mmap
 import os
 import threading
 import time
@@ -109,7 +117,6 @@ class FeatureCache:
         if map_shape is not None:
             self.specs["maps"] = ArraySpec("maps", tuple(map_shape), "float16")
         self._folder_lock = lock or FolderLock(self.root)
-        self._writable: dict[str, tuple[tuple[int, int, int], np.memmap]] = {}  # name -> (file identity, map)
 
     def path(self, name: str) -> Path:
         return self.root / f"{name}.npy"
@@ -141,31 +148,19 @@ class FeatureCache:
                 ensure_free(self.root, new_rows * int(np.prod(spec.shape)) * np.dtype(spec.dtype).itemsize)
                 with atomic_path(path) as tmp:
                     new = np.lib.format.open_memmap(tmp, mode="w+", dtype=spec.dtype, shape=(new_rows, *spec.shape))
-                    for start in range(0, old_rows, 4096):
-                        end = min(start + 4096, old_rows)
-                        new[start:end] = old[start:end]
-                    new.flush()
-                    del new
+                    new_offset = new.offset
+                    del new  # the header is written and the file sized (sparse); rows are copied file to file
+                    if old is not None:
+                        _copy_bytes(path, old.offset, tmp, new_offset, old.nbytes)
                 del old
-                self._writable.pop(spec.name, None)
-
-    def _writable_array(self, name: str) -> np.memmap:
-        """A writable map of the file now at ``path(name)``, reopened when a growth replaced it. Under the lock."""
-        st = os.stat(self.path(name))
-        identity = (st.st_dev, st.st_ino, st.st_size)
-        cached = self._writable.get(name)
-        if cached is None or cached[0] != identity:
-            cached = (identity, np.load(self.path(name), mmap_mode="r+"))
-            self._writable[name] = cached
-        return cached[1]
 
     def commit_rows(
         self, store: Store, ids: Sequence[int] | np.ndarray, values: dict[str, np.ndarray], cancel: CancelToken | None = None
     ) -> None:
         """Write one block of rows (every array of the cache) and mark the images embedded, under the lock.
 
-        The rows go into the files readers map now and are flushed before the store marks them,
-        so no image is ever marked embedded without its bytes.
+        The rows go into the files readers map now (written with file writes, :func:`write_rows`) and
+        are flushed to disk before the store marks them, so no image is ever marked embedded without its bytes.
         """
         ids = np.asarray(ids, dtype=np.int64)
         if set(values) != set(self.specs):
@@ -176,9 +171,7 @@ class FeatureCache:
             clean = _is_clean(store, self.root)
             self.ensure_capacity(int(ids.max()) + 1)
             for name, rows in values.items():
-                target = self._writable_array(name)
-                target[ids] = rows.astype(self.specs[name].dtype, copy=False)
-                target.flush()
+                write_rows(self.path(name), ids, rows.astype(self.specs[name].dtype, copy=False))
             store.mark_embedded(ids.tolist())
             if clean:  # this block added only real rows: the file is still clean, no rescan needed
                 _record_clean(store, self.root)
@@ -192,16 +185,15 @@ class FeatureCache:
         return np.load(self.path(name), mmap_mode="r+" if writable else "r")
 
     def read(self, name: str, ids: Sequence[int] | np.ndarray) -> np.ndarray:
-        """Rows for ``ids`` as an in-memory array (fancy indexing on the memmap)."""
-        ids = np.asarray(ids, dtype=np.int64)
-        return np.asarray(self.open(name)[ids])
+        """Rows for ``ids`` as an in-memory array (:func:`read_rows`)."""
+        return read_rows(self.open(name), ids)
 
     def pseudo_labels(self, ids: Sequence[int] | np.ndarray, chunk: int = 8192) -> np.ndarray:
         """Hard ImageNet pseudo-labels (argmax of the cached logits) for ``ids``."""
         ids = np.asarray(ids, dtype=np.int64)
         logits = self.open("logits")
         return np.concatenate(
-            [np.asarray(logits[ids[i : i + chunk]]).argmax(1) for i in range(0, len(ids), chunk)] or [np.zeros(0, np.int64)]
+            [read_rows(logits, ids[i : i + chunk]).argmax(1) for i in range(0, len(ids), chunk)] or [np.zeros(0, np.int64)]
         ).astype(np.int64)
 
 
@@ -230,13 +222,105 @@ def unmark_zero_rows(
             for start in range(0, len(inside), SCAN_ROWS):
                 check(cancel)
                 chunk = inside[start : start + SCAN_ROWS]
-                bad.append(chunk[~np.asarray(pooled[chunk]).any(axis=1)])
+                bad.append(chunk[~read_rows(pooled, chunk).any(axis=1)])
             del pooled
         zero = np.concatenate(bad).tolist()
         if zero:
             store.unmark_embedded(zero)
         _record_clean(store, folder)
         return zero
+
+
+def read_rows(array: np.ndarray, ids: Sequence[int] | np.ndarray) -> np.ndarray:
+    """``array[ids]`` as an in-memory array. For a whole ``.npy`` map (``np.load(..., mmap_mode=...)``,
+    this module's :meth:`FeatureCache.open`) the rows are read from the file in id order, one read per
+    run of consecutive ids, so none of the file stays mapped in this process; any other array
+    (a view, a plain array) is fancy-indexed."""
+    ids = np.asarray(ids, dtype=np.int64)
+    if not _whole_file_map(array):
+        return np.asarray(array[ids])
+    if len(ids) and (ids.min() < 0 or ids.max() >= array.shape[0]):
+        raise IndexError(f"row ids outside 0..{array.shape[0] - 1}")
+    order = np.argsort(ids, kind="stable")
+    ordered = ids[order]
+    out = np.empty((len(ids), *array.shape[1:]), dtype=array.dtype)
+    row_bytes = out[:1].nbytes
+    fd = os.open(array.filename, os.O_RDONLY)
+    try:
+        for begin, end in _runs(ordered):
+            view = memoryview(out[begin:end]).cast("B")
+            _read_exactly(fd, view, array.offset + int(ordered[begin]) * row_bytes)
+    finally:
+        os.close(fd)
+    result = np.empty_like(out)
+    result[order] = out
+    return result
+
+
+def write_rows(path: Path, ids: np.ndarray, rows: np.ndarray) -> None:
+    """Write ``rows`` (already of the file's dtype and row shape) at rows ``ids`` of the ``.npy`` file
+    at ``path``, one write per run of consecutive ids, then flush the file's data to disk."""
+    header = np.load(path, mmap_mode="r")  # the header only: nothing of the data is touched
+    offset, capacity, dtype, row_shape = header.offset, header.shape[0], header.dtype, header.shape[1:]
+    del header
+    if rows.dtype != dtype or rows.shape != (len(ids), *row_shape):
+        raise ValueError(f"rows {rows.dtype} {rows.shape} do not fit {path.name} ({dtype}, rows of {row_shape})")
+    if len(ids) and (ids.min() < 0 or ids.max() >= capacity):
+        raise IndexError(f"row ids outside 0..{capacity - 1} of {path.name}")
+    order = np.argsort(ids, kind="stable")
+    ordered, rows = ids[order], np.ascontiguousarray(rows[order])
+    row_bytes = rows[:1].nbytes
+    fd = os.open(path, os.O_RDWR)
+    try:
+        for begin, end in _runs(ordered):
+            data = memoryview(rows[begin:end]).cast("B")
+            position = offset + int(ordered[begin]) * row_bytes
+            while data:
+                written = os.pwrite(fd, data, position)
+                data, position = data[written:], position + written
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+
+
+def _whole_file_map(array: np.ndarray) -> bool:
+    return (
+        isinstance(array, np.memmap)
+        and isinstance(array.base, mmap.mmap)
+        and array.mode in ("r", "r+")
+        and array.flags.c_contiguous
+        and array.filename is not None
+    )
+
+
+def _runs(ordered: np.ndarray) -> Iterator[tuple[int, int]]:
+    """(begin, end) positions of each run of consecutive values in a sorted id array."""
+    if not len(ordered):
+        return
+    breaks = np.flatnonzero(np.diff(ordered) != 1) + 1
+    edges = [0, *breaks.tolist(), len(ordered)]
+    yield from itertools.pairwise(edges)
+
+
+def _read_exactly(fd: int, view: memoryview, position: int) -> None:
+    while view:
+        got = os.preadv(fd, [view], position)
+        if got == 0:
+            raise OSError(f"unexpected end of file at byte {position}")
+        view, position = view[got:], position + got
+
+
+def _copy_bytes(source: Path, source_offset: int, dest: Path, dest_offset: int, size: int) -> None:
+    """Copy ``size`` bytes between two files inside the kernel (nothing passes through this process)."""
+    with open(source, "rb") as src, open(dest, "r+b") as dst:
+        while size > 0:
+            try:
+                copied = os.copy_file_range(src.fileno(), dst.fileno(), min(size, 1 << 30), source_offset, dest_offset)
+            except OSError:  # a filesystem or kernel without it: plain reads and writes
+                copied = os.pwrite(dst.fileno(), os.pread(src.fileno(), min(size, 1 << 24), source_offset), dest_offset)
+            if copied == 0:
+                raise OSError(f"{source} ended {size} bytes early")
+            source_offset, dest_offset, size = source_offset + copied, dest_offset + copied, size - copied
 
 
 def _rows(path: Path) -> int:

@@ -147,6 +147,24 @@ def load_rgb(path: str | Path, max_pixels: int = MAX_PIXELS_DEFAULT, draft_size:
     return read_image(path, max_pixels, draft_size).image
 
 
+@dataclass(frozen=True)
+class EncodedJPEG:
+    """A JPEG file left encoded, for a decoder elsewhere (nvJPEG on the GPU), after the header checks."""
+
+    orientation: int  # EXIF orientation (1: upright); the decoder applies it
+
+
+def encoded_jpeg(data: bytes, max_pixels: int = MAX_PIXELS_DEFAULT) -> EncodedJPEG | None:
+    """Whether the file ``data`` is a plain JPEG (RGB or greyscale) that another decoder may take
+    as it is: its header passes :func:`read_image`'s checks (format, size limit). None for any
+    other accepted file (CMYK JPEGs, other formats: decode them with :func:`read_image`).
+    Raises :class:`ImageRejected` as :func:`read_image` does for a bad header."""
+    img = _open_checked(io.BytesIO(data), max_pixels)
+    if img.format != "JPEG" or img.mode not in ("RGB", "L"):
+        return None
+    return EncodedJPEG(_exif_orientation(img))
+
+
 @dataclass
 class Walk:
     """What :func:`walk_images` found under one folder."""

@@ -12,10 +12,11 @@ embeddings (the vectors the search index is built from). Layout of ``scores/``::
     .v0007.<pid>-<thread>-<nonce>.tmp/      a writer's folder until it commits
     v0007/                                  a version written before generations existed (generation 0)
 
-Embeddings are float16 and memory-mapped. A writer fills a folder under a name unique to it,
-fsyncs it and renames it to the next generation in one step; older generations are deleted
-only after that. Readers take the highest generation, so a rescore never leaves a moment in
-which the version has no scores: they see the old generation or the whole new one.
+Embeddings are float16; readers memory-map them. A writer fills a folder under a name unique to
+it (with file writes, flushed in the background as it goes), fsyncs it and renames it to the next
+generation in one step; older generations are deleted only after that. Readers take the highest
+generation, so a rescore never leaves a moment in which the version has no scores: they see the old
+generation or the whole new one.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import os
 import re
 import shutil
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -55,10 +57,13 @@ def score(
     device: str = "auto",
     progress: ProgressFn | None = None,
     cancel: CancelToken | None = None,
+    out: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Embeddings ``float32 [N, D]`` and category probabilities ``float32 [N, K]`` for ``row_ids``, in chunks.
 
     ``batch_size`` None takes the mode's chunk size (:attr:`bgminer.modes.ModeSpec.score_batch`).
+    ``out``: arrays of at least ``N`` rows to fill instead (the embeddings' array may be float16:
+    converted batch by batch, never held in float32 whole); their first ``N`` rows are returned.
     """
     dev = resolve_device(device)
     spec = get_mode(model.mode)
@@ -71,20 +76,25 @@ def score(
         net = net.to(memory_format=torch.channels_last)
     was_training = net.training
     net.eval()
-    embeddings = np.empty((len(row_ids), model.embedding_dim), dtype=np.float32)
-    scores = np.empty((len(row_ids), len(model.categories)), dtype=np.float32)
+    if out is None:
+        out = (
+            np.empty((len(row_ids), model.embedding_dim), dtype=np.float32),
+            np.empty((len(row_ids), len(model.categories)), dtype=np.float32),
+        )
+    embeddings, scores = out[0][: len(row_ids)], out[1][: len(row_ids)]
     try:
         with torch.inference_mode():
             id_batches = [row_ids[begin : begin + batch_size] for begin in range(0, len(row_ids), batch_size)]
             begin = 0
-            for x in inputs_ahead(inputs, id_batches, False, dev.type == "cuda"):
+            for x in inputs_ahead(inputs, id_batches, False, dev):
                 check(cancel)
                 x = to_device(x, dev)
                 n = len(x)
                 with autocast(dev):
                     h = net.embed(x)
-                embeddings[begin : begin + n] = h.float().cpu().numpy()
-                scores[begin : begin + n] = net.probabilities(h.float()).cpu().numpy()
+                h = h.float()
+                embeddings[begin : begin + n] = h.cpu().numpy()  # numpy's cast to the array's dtype, as every engine does
+                scores[begin : begin + n] = net.probabilities(h).cpu().numpy()
                 begin += n
                 report(progress, begin, len(row_ids), "scoring")
     finally:
@@ -95,10 +105,13 @@ def score(
 def _chunks_local(
     model: BackgroundSplittingModel, inputs: Inputs, ids: np.ndarray, chunk_rows: int, device: str, cancel: CancelToken | None
 ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-    """(start, embeddings, scores) per chunk of ``ids``, scored in this process."""
+    """(start, embeddings, scores) per chunk of ``ids``, scored in this process. Embeddings come in
+    float16, as stored, and every chunk reuses the same two arrays (the consumer copies each away)."""
+    rows = min(chunk_rows, len(ids))
+    buffers = (np.empty((rows, model.embedding_dim), np.float16), np.empty((rows, len(model.categories)), np.float32))
     for start in range(0, len(ids), chunk_rows):
         check(cancel)
-        embeddings, scores = score(model, inputs, ids[start : start + chunk_rows], device=device, cancel=cancel)
+        embeddings, scores = score(model, inputs, ids[start : start + chunk_rows], device=device, cancel=cancel, out=buffers)
         yield start, embeddings, scores
 
 
@@ -194,9 +207,12 @@ def version_dir(scores_dir: Path, model_id: int) -> Path | None:
 
 
 class VersionWriter:
-    """Writes one version's scores chunk by chunk: memory-mapped arrays in a temporary folder of its
+    """Writes one version's scores chunk by chunk into ``.npy`` files in a temporary folder of its
     own, which :meth:`commit` publishes as the version's next generation.
 
+    Rows are written with file writes, not through a map (a million embeddings would otherwise sit
+    in this process's resident memory as mapped file pages), and flushed to disk by a background
+    thread while the next chunks are computed, so :meth:`commit`'s fsync finds little left to do.
     ``folder`` (the temporary one) may also hold a producer's scratch files until the commit.
     """
 
@@ -210,22 +226,32 @@ class VersionWriter:
         self.folder = temp_name(self.scores_dir / name)
         self.folder.mkdir()
         np.save(self.folder / "ids.npy", self.ids)
-        open_memmap = np.lib.format.open_memmap
-        self._embeddings = open_memmap(
-            self.folder / "embeddings.npy", mode="w+", dtype=np.float16, shape=(len(self.ids), embedding_dim)
-        )
-        self._scores = open_memmap(self.folder / "scores.npy", mode="w+", dtype=np.float32, shape=(len(self.ids), n_categories))
+        self._files = {
+            "embeddings": _RowFile(self.folder / "embeddings.npy", np.float16, (len(self.ids), embedding_dim)),
+            "scores": _RowFile(self.folder / "scores.npy", np.float32, (len(self.ids), n_categories)),
+        }
+        self._flusher = ThreadPoolExecutor(1, thread_name_prefix="bgminer-flush")
+        self._flushing: Future | None = None
 
     def write(self, start: int, embeddings: np.ndarray, scores: np.ndarray) -> None:
         """Rows ``start : start + len(scores)`` (positions in ``ids``)."""
-        self._embeddings[start : start + len(scores)] = embeddings
-        self._scores[start : start + len(scores)] = scores
+        self._files["embeddings"].write(start, embeddings)
+        self._files["scores"].write(start, scores)
+        if self._flushing is None or self._flushing.done():  # at most one flush in flight; the next covers the rest
+            if self._flushing is not None:
+                self._flushing.result()  # an I/O error surfaces here
+            self._flushing = self._flusher.submit(self._flush)
+
+    def _flush(self) -> None:
+        for f in self._files.values():
+            os.fdatasync(f.fd)
 
     def commit(self) -> Path:
         """Make the written folder the version's current generation (durably), then drop older ones."""
-        self._embeddings.flush()
-        self._scores.flush()
-        self._embeddings = self._scores = None  # unmapped
+        if self._flushing is not None:
+            self._flushing.result()
+        self._flush()
+        self._close()
         for entry in self.folder.iterdir():
             if entry.is_dir():
                 shutil.rmtree(entry)
@@ -251,8 +277,40 @@ class VersionWriter:
 
     def abort(self) -> None:
         """Drop the uncommitted folder (a failed or cancelled run); nothing to do after a commit."""
-        self._embeddings = self._scores = None
+        if self._flushing is not None:
+            self._flushing.exception()  # wait; its error no longer matters
+        self._close()
         shutil.rmtree(self.folder, ignore_errors=True)
+
+    def _close(self) -> None:
+        self._flusher.shutdown(wait=True)
+        for f in self._files.values():
+            f.close()
+
+
+class _RowFile:
+    """A ``.npy`` file of a fixed shape, written row block by row block with ``pwrite``."""
+
+    def __init__(self, path: Path, dtype: type, shape: tuple[int, int]):
+        header = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)  # writes the header, sizes the file
+        self.offset, self.dtype, self.shape = header.offset, np.dtype(dtype), shape
+        del header
+        self.fd = os.open(path, os.O_RDWR)
+
+    def write(self, start: int, rows: np.ndarray) -> None:
+        rows = np.ascontiguousarray(rows, dtype=self.dtype)
+        if start < 0 or start + len(rows) > self.shape[0] or rows.shape[1:] != self.shape[1:]:
+            raise ValueError(f"rows {start}..{start + len(rows)} of shape {rows.shape[1:]} do not fit {self.shape}")
+        data = memoryview(rows).cast("B")
+        position = self.offset + start * self.shape[1] * self.dtype.itemsize
+        while data:
+            written = os.pwrite(self.fd, data, position)
+            data, position = data[written:], position + written
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 def _remove_dead_writers(scores_dir: Path, name: str) -> None:
