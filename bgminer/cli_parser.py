@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from .modes import MODES
+from .modes import AUTO_MODE, MODES
 from .tables import NEGATIVE_SUFFIX
 
 
@@ -107,7 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a background-splitting model round, re-score and re-index")
     p.add_argument("project")
     p.add_argument("--category", action="append", help="category to train (repeatable; default: all with positives)")
-    p.add_argument("--mode", default="adapter", choices=list(MODES))
+    p.add_argument(
+        "--mode", default="adapter", choices=[*MODES, AUTO_MODE],
+        help="auto: last-stage on CUDA once every category has enough positives, else adapter",
+    )
     p.add_argument("--aux-weight", type=float, default=None)
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])

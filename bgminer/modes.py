@@ -156,6 +156,31 @@ MODES: dict[str, ModeSpec] = {
 }
 
 
+# mode="auto" picks a registered mode per round (resolve_mode). On CUDA a round retrains the last stage
+# once every category it trains has this many positive labels; with fewer, the adapter, whose small trunk
+# over-fits a handful of positives less. Set from bench/multimode.py; see docs/quality.md.
+AUTO_MODE = "auto"
+AUTO_LAST_STAGE_MIN_POSITIVES = 20
+
+
+def resolve_mode(mode: str, device: str, positives: int) -> str:
+    """The registered mode a round trains in. ``mode`` other than ``"auto"`` is checked and returned as is.
+
+    ``"auto"``: ``"last-stage"`` when ``device`` is CUDA (``"cuda"``, ``"cuda:N"``, or ``"auto"`` on a
+    machine that has CUDA) and ``positives`` (the fewest positive labels of the round's categories)
+    reaches :data:`AUTO_LAST_STAGE_MIN_POSITIVES`; else ``"adapter"``, the CPU default that keeps rounds
+    to seconds.
+    """
+    if mode != AUTO_MODE:
+        return get_mode(mode).name
+    if device == "auto":
+        from .device import resolve_device  # imports torch: only when the machine must be asked
+
+        device = resolve_device(device).type
+    on_cuda = device == "cuda" or device.startswith("cuda:")
+    return "last-stage" if on_cuda and positives >= AUTO_LAST_STAGE_MIN_POSITIVES else "adapter"
+
+
 def get_mode(name: str) -> ModeSpec:
     """The spec of mode ``name``; ValueError naming the choices for an unknown one."""
     try:

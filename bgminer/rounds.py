@@ -57,6 +57,7 @@ def train_round(
             project.store.category_id(c)  # unknown category -> clear error
     if not cats or not any(counts[c]["positive"] for c in cats):
         raise ValueError("label at least one positive image before training")
+    config = config.resolved(min(counts[c]["positive"] for c in cats))  # mode="auto" picks this round's mode
     ids = np.asarray(project.store.image_ids(embedded=True), dtype=np.int64)
     if len(ids) == 0:
         raise ValueError("no embedded images yet: ingest and embed a corpus first")

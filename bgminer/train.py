@@ -19,7 +19,7 @@ import copy
 import math
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from bgminer.device import autocast, resolve_device, to_device
 from bgminer.features import Inputs, inputs_ahead, read_inputs
 from bgminer.model import BackgroundSplittingModel
-from bgminer.modes import get_mode
+from bgminer.modes import AUTO_MODE, get_mode, resolve_mode
 from bgminer.progress import CancelToken, ProgressFn, check, report
 
 _PROGRESS_INTERVAL_S = 0.5
@@ -39,10 +39,11 @@ class TrainConfig:
     """Everything that decides a training round; JSON-able (``dataclasses.asdict``) for the store.
 
     ``epochs``, ``batch_size``, ``lr``, ``warm_start`` and ``min_steps`` left as None take the mode's default
-    (:attr:`bgminer.modes.ModeSpec.defaults`).
+    (:attr:`bgminer.modes.ModeSpec.defaults`). ``mode="auto"`` leaves them None until :meth:`resolved`
+    picks the round's mode (:func:`bgminer.modes.resolve_mode`).
     """
 
-    mode: str = "adapter"
+    mode: str = "adapter"  # a registered mode, or "auto"
     epochs: int | None = None
     batch_size: int | None = None
     lr: float | None = None
@@ -60,13 +61,23 @@ class TrainConfig:
     warm_start: bool | None = None  # start from the previous version of the same mode (None: the mode's default)
 
     def __post_init__(self) -> None:
-        for name, value in asdict(get_mode(self.mode).defaults).items():
-            if getattr(self, name) is None:
-                setattr(self, name, value)
+        if self.mode != AUTO_MODE:
+            for name, value in asdict(get_mode(self.mode).defaults).items():
+                if getattr(self, name) is None:
+                    setattr(self, name, value)
         if not 0.0 <= self.pos_fraction < 1.0:
             raise ValueError(f"pos_fraction must be in [0, 1), got {self.pos_fraction}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+
+
+    def resolved(self, positives: int) -> TrainConfig:
+        """This config with ``mode="auto"`` replaced by the mode a round picks on ``self.device`` when its
+        categories have at least ``positives`` positive labels each; the fields left None take that mode's
+        defaults. A config of a registered mode is returned unchanged."""
+        if self.mode != AUTO_MODE:
+            return self
+        return replace(self, mode=resolve_mode(self.mode, self.device, positives))
 
 
 @dataclass
@@ -183,7 +194,11 @@ def train(
     ``on_epoch`` receives the losses so far after every epoch (for live loss curves).
 
     Deterministic on CPU for a given model, data and config (all randomness comes from ``config.seed``).
+    A ``mode="auto"`` config is resolved with the fewest positives of any category in ``training_set``.
     """
+    if config.mode == AUTO_MODE:
+        counts = np.bincount(training_set.main_labels[training_set.main_labels > 0])[1:]
+        config = config.resolved(int(counts[counts > 0].min()) if counts.any() else 0)
     if config.mode != model.mode:
         raise ValueError(f"config mode {config.mode!r} does not match model mode {model.mode!r}")
     if config.fixed_background_logit != model.fixed_background_logit:
@@ -223,7 +238,7 @@ def train(
         batches = 0
         positions = list(order.split(batch_size))
         id_batches = [training_set.row_ids[pos.numpy()] for pos in positions]
-        for pos, x in zip(positions, inputs_ahead(training_set.inputs, id_batches, True, device.type == "cuda"), strict=True):
+        for pos, x in zip(positions, inputs_ahead(training_set.inputs, id_batches, True, device), strict=True):
             check(cancel)
             x = to_device(x, device)
             y_main = main_labels[pos].to(device)

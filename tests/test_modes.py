@@ -72,7 +72,7 @@ def test_the_cli_offers_exactly_the_registered_modes():
     done = subprocess.run(
         [sys.executable, "-m", "bgminer", "train", "--help"], capture_output=True, text=True, check=True, cwd=REPO, timeout=120
     )
-    assert "{adapter,last-stage,full}" in done.stdout
+    assert "{adapter,last-stage,full,auto}" in done.stdout
 
 
 def test_query_embedding_of_a_corpus_image_matches_its_stored_version_embedding(trained):
