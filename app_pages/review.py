@@ -71,6 +71,26 @@ common.require_images(project)
 category = common.require_category(project)
 model = project.active_model(category)
 counts = common.label_counts(project, category)
+calibration = project.calibration(category) if model is not None else None
+
+
+def score_text(candidate, short: bool = False) -> str:
+    """A score as a person reads it: the calibrated probability ("72% likely", with the raw score beside it
+    unless ``short``); the raw number alone before there is a calibration or when it is not a score."""
+    raw = common.value_text(candidate, 3)
+    if candidate.kind != "score" or calibration is None or not calibration.fitted:
+        return raw
+    likely = f"{calibration.probability(candidate.value):.0%} likely"
+    return likely if short else f"{likely} ({raw})"
+
+
+def grow_validation(n: int) -> None:
+    """Grow the validation sample to ``n`` (a new one when it cannot grow) and review it next."""
+    try:
+        project.grow_validation_sample(category, n)
+    except ValueError:
+        project.validation_sample(category, n=n, redraw=True)
+    st.session_state[STRATEGY] = "validate"
 
 
 @st.cache_data(max_entries=128, show_spinner=False)
@@ -212,9 +232,24 @@ with side:
             st.metric(
                 "Est. positives left",
                 f"{estimate['remaining']:.0f}",
-                help=f"{estimate['confidence']:.0%} interval {estimate['remaining_low']:.0f}–{estimate['remaining_high']:.0f}, "
-                f"from {estimate['sample_size']} validation images",
+                help=f"from {estimate['sample_size']} validation images, {estimate['sample_positives']} of them positive",
             )
+            st.caption(
+                f"{estimate['confidence']:.0%} interval {estimate['remaining_low']:.0f}–{estimate['remaining_high']:.0f} "
+                f"(width {estimate['width']:.0f})"
+            )
+            if status.get("estimate_note"):
+                st.caption(md_escape(status["estimate_note"]))
+            if estimate.get("labels_needed"):
+                st.button(
+                    f"Add {estimate['labels_needed']:,} to the validation sample",
+                    icon=":material/playlist_add:",
+                    on_click=grow_validation,
+                    args=(estimate["grow_to"],),
+                    key="review-grow-validation",
+                )
+        if calibration is not None and not calibration.fitted:
+            st.caption(f"Raw model scores, not probabilities: {md_escape(calibration.reason)}.")
     if stats.curve:
         st.caption("Discovery curve: positives found vs. reviewed")
         curve = pd.DataFrame({"reviewed": range(1, len(stats.curve) + 1), "found": stats.curve})
@@ -245,7 +280,7 @@ with main:
                 st.error(f"#{head.image_id} can no longer be read from {code(head.path)}; skip it.")
             else:
                 st.image(image, width="content")
-            parts = (f"#{head.image_id}", common.value_text(head, 3), f"{len(q.items)} in queue", code(head.path))
+            parts = (f"#{head.image_id}", score_text(head), f"{len(q.items)} in queue", code(head.path))
             st.caption(" · ".join(part for part in parts if part))
             st.caption(why_text(head.reason, q.shares))
         actions = {
@@ -267,7 +302,7 @@ with main:
             with st.container(key="strip-review"):
                 strip = st.columns(STRIP)
             for cell, c in zip(strip, upcoming, strict=False):  # fewer items than columns at the end
-                cell.image(str(project.thumbnail(c.image_id)), caption=common.value_text(c) or f"#{c.image_id}", width="stretch")
+                cell.image(str(project.thumbnail(c.image_id)), caption=score_text(c, True) or f"#{c.image_id}", width="stretch")
     else:
         batch = q.items[:GRID]
         ids = [c.image_id for c in batch]
@@ -278,8 +313,12 @@ with main:
                 for cell, c in zip(cells, batch[start : start + 6], strict=False):
                     with cell, st.container(border=True, key=f"card-review-{c.image_id}"):
                         st.image(str(project.thumbnail(c.image_id)), width="stretch")
-                        value = common.value_text(c)
-                        st.checkbox(f"#{c.image_id}" + (f" · {value}" if value else ""), key=f"review-grid-{c.image_id}")
+                        value = score_text(c, short=True)
+                        st.checkbox(
+                            f"#{c.image_id}" + (f" · {value}" if value else ""),
+                            key=f"review-grid-{c.image_id}",
+                            help=common.value_text(c, 3) or None,  # the raw score behind "72% likely"
+                        )
             st.form_submit_button(
                 f"Save {len(batch)}: ticked positive, others negative",
                 icon=":material/done_all:",

@@ -274,9 +274,13 @@ def cmd_rank(args: argparse.Namespace) -> int:
     from .project import Project
 
     author = args.author or local_user()
-    miner = Miner(Project(args.project), args.category, author, args.strategy, pool_neighbors=args.pool_neighbors)
-    candidates = miner.query(args.limit)
-    _emit(args, {"category": args.category, "strategy": args.strategy, "candidates": _candidate_rows(candidates, "score")},
+    project = Project(args.project)
+    miner = Miner(project, args.category, author, args.strategy, pool_neighbors=args.pool_neighbors)
+    rows = _candidate_rows(miner.query(args.limit), "score")
+    calibration = project.calibration(args.category)  # once a model exists, "probability": the calibrated score
+    for row in rows if calibration.model_id is not None else ():  # (null until enough reviews to calibrate)
+        row["probability"] = calibration.probability(row["score"]) if calibration.fitted and row["score"] is not None else None
+    _emit(args, {"category": args.category, "strategy": args.strategy, "candidates": rows},
           lambda o: _candidate_table(o["candidates"], "score"))
     return 0
 

@@ -419,6 +419,18 @@ class Project:
             "active_model": None if active is None else {"id": active.id, "categories": active.categories, "mode": active.mode},
         }
 
+    def calibration(self, category: str):
+        """The active model's score-to-probability map for ``category`` (Platt scaling on the reviews made
+        since it was trained; raw scores, flagged, until there are enough): :mod:`bgminer.calibration`."""
+        from .calibration import calibration
+
+        return calibration(self, category)
+
+    def grow_validation_sample(self, category: str, n: int) -> dict[str, Any]:
+        """The validation sample grown to expected size ``n`` (``status`` says how many more labels would
+        make its interval useful); see :func:`bgminer.category_status.grow_validation_sample`."""
+        return category_status.grow_validation_sample(self, category, n)
+
 
 @dataclass(frozen=True)
 class CorpusCounts:
