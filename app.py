@@ -43,6 +43,7 @@ navigation = st.navigation(
         st.Page(common.PAGES["find"], title="Find", icon=":material/search:"),
         st.Page(common.PAGES["train"], title="Train", icon=":material/model_training:"),
         st.Page(common.PAGES["review"], title="Review", icon=":material/fact_check:"),
+        st.Page("app_pages/map.py", title="Map", icon=":material/scatter_plot:"),
         st.Page(common.PAGES["export"], title="Export", icon=":material/download:"),
     ]
 )
