@@ -116,7 +116,8 @@ elif mode == "text":
         "Describe what you look for with ImageNet words",
         key=TEXT_QUERY,
         placeholder="e.g. zebra, tabby cat, fire engine",
-        help="Offline: the words are matched to the 1000 ImageNet class names the backbone knows.",
+        help="Offline: the words are matched to the 1000 ImageNet classes the backbone knows, by name or by any "
+        "broader WordNet word (furniture, footwear, musical instrument).",
     )
     if query.strip():
         classes, candidates = project.search_text(query.strip(), n=RESULTS)

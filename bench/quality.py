@@ -48,26 +48,34 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.datasets import RARE_CATEGORY, openclipart_project, stratified_split, subsample_positives
+from bgminer import strategies
 from bgminer.backbone import load_backbone
-from bgminer.evaluate import average_precision, discovery_curve, draw_validation_sample, estimate_remaining
+from bgminer.calibration import fit_platt
+from bgminer.category_status import useful_width
+from bgminer.evaluate import average_precision, discovery_curve, draw_validation_sample, estimate_remaining, labels_for_width
 from bgminer.index import normalize
 from bgminer.loop import Miner
 from bgminer.model import DEFAULT_ADAPTER_HIDDEN, build_model
 from bgminer.probe import LinearProbe, fit_logistic
+from bgminer.rank import RankContext
 from bgminer.scoring import score
 from bgminer.store import Store
+from bgminer.strategies import make_strategy
 from bgminer.train import TrainConfig, build_training_set, train
 
 CORPORA = {"4%": None, "0.5%": 0.005, "0.1%": 0.001}  # positive share; None = the corpus as it is
 KS = (5, 20, None)  # None = all training positives
 MODES = ("adapter", "last-stage")
-METHODS = ("knn", "lr", "ft", "bs")
+METHODS = ("knn", "lr", "ft", "bs", "auto")
 STRATEGY_NAMES = ("most-likely", "uncertain", "near-positives", "mixed")
 CHECKPOINTS = (100, 200, 300)
 SEED_POSITIVES = 5
 ESTIMATE_AT = (100, 200)
 ESTIMATE_DRAWS = 20
 VALIDATION_SIZE = 30  # Project.validation_sample's default
+VALIDATION_SIZES = (VALIDATION_SIZE,)  # --validation-sizes adds larger samples (what the page's "label more" leads to)
+CALIBRATION_REVIEWS = 20  # reviews made after the model was trained, besides the validation sample
+CALIBRATION_SHOWN = 50  # the candidates after those, whose displayed probability is checked
 RAW_KEYS = ("corpus", "seed", "loop", "train_positives", "seed_positives", "hidden", "found", "recall", "seconds")
 
 
@@ -243,6 +251,10 @@ def protocol_a(
                 model = trainer.fit(data, mode, labels, split.train, config, model)
                 rows[f"{mode}-{method}"] = trainer.scores(data, model, split.test)[1]
                 rows[f"{mode}-{method}-seconds"] = time.perf_counter() - start
+        if "auto" in methods:  # the product's default ranking of the test images, as Miner would query it
+            start = time.perf_counter()
+            rows["auto"] = default_strategy_scores(data, split, chosen, rows.get(f"{modes[0]}-bs") if modes else None)
+            rows["auto-seconds"] = time.perf_counter() - start
         for method, s in rows.items():
             if not method.endswith("-seconds"):
                 out.append(
@@ -256,6 +268,22 @@ def protocol_a(
                         "seconds": rows.get(f"{method}-seconds"),
                     }
                 )
+    return out
+
+
+def default_strategy_scores(data: Data, split: Split, positives: np.ndarray, model_scores: np.ndarray | None) -> np.ndarray:
+    """Test images ordered by the default strategy (``auto``), as scores (first = highest): the chosen
+    training positives labeled positive, every other training image negative, the test images unlabeled."""
+    ctx = RankContext(
+        ids=split.test,
+        scores=model_scores,
+        positive_ids=positives,
+        negative_ids=np.setdiff1d(split.train, positives),
+        features=data,
+    )
+    order = make_strategy("auto").rank(ctx, len(split.test))
+    out = np.full(len(split.test), -len(split.test), np.float64)  # anything left unranked comes last
+    out[ctx.rows(order)] = -np.arange(len(order), dtype=np.float64)
     return out
 
 
@@ -381,25 +409,50 @@ def run_loop(
 def check_estimator(
     rows: np.ndarray, scores: np.ndarray, labels: dict[int, str], is_pos: dict[int, bool], seed: int, reviews: int
 ) -> list[dict]:
-    """Several validation samples from the current scores; does the 95% interval cover the true positives left?"""
+    """Several validation samples (of each size in ``VALIDATION_SIZES``) from the current scores: does the
+    95% interval cover the true positives left, how wide is it, would the Review page call it useful
+    (``category_status.useful_width``), and how many more labels would it ask for otherwise?
+
+    Each draw also checks the calibration the Review page would show next: Platt scaling fitted on the
+    labels reviewed after this model was trained (the sample, plus the ``CALIBRATION_REVIEWS`` images it
+    ranks first, as most-likely review would show them), against the truth of the ``CALIBRATION_SHOWN``
+    images ranked after those: the mean probability the page would display and the share of them positive.
+    """
     unreviewed = ~np.isin(rows, np.fromiter(labels, dtype=np.int64, count=len(labels)))
     pool, pool_scores = rows[unreviewed], scores[unreviewed]
-    true_left = sum(is_pos[int(i)] for i in pool)
+    truth = np.array([is_pos[int(i)] for i in pool], dtype=bool)
+    true_left = int(truth.sum())
     found = sum(v == "positive" for v in labels.values())
+    order = np.argsort(-pool_scores, kind="stable")
+    reviewed_next = order[:CALIBRATION_REVIEWS]
+    shown = order[CALIBRATION_REVIEWS : CALIBRATION_REVIEWS + CALIBRATION_SHOWN]
     out = []
-    for draw in range(ESTIMATE_DRAWS):
-        positions, pi = draw_validation_sample(pool_scores, VALIDATION_SIZE, np.random.default_rng([seed, reviews, draw]))
-        y = [is_pos[int(i)] for i in pool[positions]]
+    for size, draw in ((size, draw) for size in VALIDATION_SIZES for draw in range(ESTIMATE_DRAWS)):
+        rng = np.random.default_rng([seed, reviews, draw] + ([] if size == VALIDATION_SIZE else [size]))
+        positions, pi = draw_validation_sample(pool_scores, size, rng)
+        y = truth[positions]
         est = estimate_remaining(pool[positions], y, pi, len(pool), found=found)
+        target = useful_width(found + est.remaining)
+        useful = est.width <= target
+        more = 0 if useful else labels_for_width(pool[positions], y, pi, len(pool), target)
+        fit_on = np.union1d(positions, reviewed_next)
+        calibration = fit_platt(pool_scores[fit_on], truth[fit_on])
         out.append(
             {
                 "reviews": reviews,
+                "size": size,
                 "true": true_left,
                 "estimate": est.remaining,
                 "low": est.low,
                 "high": est.high,
                 "covered": bool(est.low <= true_left <= est.high),
                 "sample": est.sample_size,
+                "useful": useful,
+                "labels_needed": more,
+                "calibrated": calibration.fitted,
+                "shown_probability": float(np.mean(calibration.probability(pool_scores[shown]))),
+                "shown_score": float(np.mean(pool_scores[shown])),
+                "shown_positive": float(np.mean(truth[shown])),
             }
         )
     return out
@@ -474,22 +527,41 @@ def summarize_b(rows: list[dict]) -> dict:
 
 
 def summarize_estimates(rows: list[dict]) -> dict:
+    """Per corpus, review count and validation sample size: coverage (over every draw, and mean ± std over seeds), the interval's
+    width, how often the page would call it useful and how many more labels it asks for, and the
+    calibration check (mean displayed probability, raw and calibrated, against the share positive)."""
     out: dict = {}
     for r in rows:
         for e in r["estimates"]:
-            out.setdefault(r["corpus"], {}).setdefault(e["reviews"], []).append(e)
-    return {
-        corpus: {
-            reviews: {
-                "coverage": float(np.mean([e["covered"] for e in es])),
-                "draws": len(es),
-                "true_left_mean": float(np.mean([e["true"] for e in es])),
-                "estimate_mean": float(np.mean([e["estimate"] for e in es])),
-                "width_mean": float(np.mean([e["high"] - e["low"] for e in es])),
-                "sample_mean": float(np.mean([e["sample"] for e in es])),
-            }
-            for reviews, es in by_reviews.items()
+            cells = out.setdefault(r["corpus"], {}).setdefault(e["reviews"], {})
+            cells.setdefault(e.get("size", VALIDATION_SIZE), {}).setdefault(r["seed"], []).append(e)
+
+    def cell(by_seed: dict[int, list[dict]]) -> dict:
+        es = [e for per_seed in by_seed.values() for e in per_seed]
+        widths = [e["high"] - e["low"] for e in es]
+        needed = [e["labels_needed"] for e in es if not e["useful"] and e["labels_needed"] is not None]
+        fitted = [e for e in es if e["calibrated"]]
+        coverage_by_seed = mean_std([float(np.mean([e["covered"] for e in per_seed])) for per_seed in by_seed.values()])
+        return {
+            "coverage": float(np.mean([e["covered"] for e in es])),
+            "coverage_by_seed": dict(zip(("mean", "std"), coverage_by_seed, strict=True)),
+            "draws": len(es),
+            "seeds": len(by_seed),
+            "true_left_mean": float(np.mean([e["true"] for e in es])),
+            "estimate_mean": float(np.mean([e["estimate"] for e in es])),
+            "width_mean": float(np.mean(widths)),
+            "width_std": float(np.std(widths, ddof=1)) if len(widths) > 1 else 0.0,
+            "sample_mean": float(np.mean([e["sample"] for e in es])),
+            "useful_share": float(np.mean([e["useful"] for e in es])),
+            "labels_needed_median": float(np.median(needed)) if needed else None,
+            "calibrated_share": len(fitted) / len(es),
+            "shown_positive_mean": float(np.mean([e["shown_positive"] for e in es])),
+            "shown_score_mean": float(np.mean([e["shown_score"] for e in es])),
+            "shown_probability_mean": float(np.mean([e["shown_probability"] for e in fitted])) if fitted else None,
         }
+
+    return {
+        corpus: {reviews: {size: cell(by_seed) for size, by_seed in by_size.items()} for reviews, by_size in by_reviews.items()}
         for corpus, by_reviews in out.items()
     }
 
@@ -528,14 +600,33 @@ def print_tables(result: dict) -> None:
                     f"{cell['recall'][last]['std']:.2f}   {cell['seconds']:.0f} s/loop"
                 )
     if "estimator" in result:
-        print("\nRemaining-positives estimator (default loop): 95% interval coverage of the true count")
+        print(
+            "\nRemaining-positives estimator (default loop, validation samples of expected size n): coverage of the true "
+            "count by the 95% interval (all draws; mean ± std over seeds), its width, how often it is useful, labels it asks for"
+        )
         for corpus, by_reviews in result["estimator"].items():
-            for reviews, e in by_reviews.items():
-                print(
-                    f"  {corpus:<5} after {reviews} reviews: coverage {e['coverage']:.2f} over {e['draws']} draws; "
-                    f"true left {e['true_left_mean']:.1f}, estimate {e['estimate_mean']:.1f}, interval width "
-                    f"{e['width_mean']:.1f}"
-                )
+            for reviews, by_size in by_reviews.items():
+                for size, e in by_size.items():
+                    seeds = e["coverage_by_seed"]
+                    needed = "-" if e["labels_needed_median"] is None else f"{e['labels_needed_median']:.0f}"
+                    print(
+                        f"  {corpus:<5} after {reviews} reviews, n={size}: coverage {e['coverage']:.2f} over {e['draws']} "
+                        f"draws ({seeds['mean']:.2f} ± {seeds['std']:.2f}); true left {e['true_left_mean']:.1f}, estimate "
+                        f"{e['estimate_mean']:.1f}, width {e['width_mean']:.0f} ± {e['width_std']:.0f}; useful "
+                        f"{e['useful_share']:.2f}, more labels asked (median) {needed}"
+                    )
+        print(
+            "\nCalibration (default loop): the 50 candidates after the next 20, mean displayed number vs. share positive "
+            "(fitted on those 20 and the validation sample)"
+        )
+        for corpus, by_reviews in result["estimator"].items():
+            for reviews, by_size in by_reviews.items():
+                for size, e in by_size.items():
+                    shown = "-" if e["shown_probability_mean"] is None else f"{e['shown_probability_mean']:.3f}"
+                    print(
+                        f"  {corpus:<5} after {reviews} reviews, n={size}: positive {e['shown_positive_mean']:.3f}, raw score "
+                        f"{e['shown_score_mean']:.3f}, calibrated {shown} (fitted in {e['calibrated_share']:.0%} of draws)"
+                    )
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, object]:
@@ -557,6 +648,19 @@ def parse_overrides(pairs: list[str]) -> dict[str, object]:
                     value = raw
         out[key] = value
     return out
+
+
+AUTO_SETTINGS = ("COLD_START_POSITIVES", "EXPLORE_SHARE", "UNEXPLORED_SHARE", "UNCERTAIN_SHARE", "WARM_MAIN")
+
+
+def apply_auto_settings(pairs: list[str]) -> dict[str, object]:
+    """Try another setting of the default strategy (``--auto NAME=VALUE``: a constant of
+    :mod:`bgminer.strategies`); returns every setting in force."""
+    for name, value in parse_overrides(pairs).items():
+        if name not in AUTO_SETTINGS:
+            raise SystemExit(f"--auto: {name} is not one of {', '.join(AUTO_SETTINGS)}")
+        setattr(strategies, name, value)
+    return {name: getattr(strategies, name) for name in AUTO_SETTINGS}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -584,21 +688,29 @@ def main(argv: list[str] | None = None) -> None:
         default=["4%"],
         help="corpora where protocol B runs every strategy; elsewhere only the first (few positives to find there)",
     )
+    parser.add_argument("--no-baselines", action="store_true", help="protocol B: only the strategies' loops")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--per-round", type=int, default=20)
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="TrainConfig field override"
     )
+    parser.add_argument("--auto", action="append", default=[], metavar="NAME=VALUE",
+                        help="another setting of the default strategy (a constant of bgminer.strategies)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     parser.add_argument("--partial", action="store_true", help="use the images embedded so far (never starts embedding)")
+    parser.add_argument("--validation-sizes", nargs="+", type=int, default=[VALIDATION_SIZE],
+                        help="estimator check: expected sizes of the validation samples drawn (default 30, the product's)")
     args = parser.parse_args(argv)
+    global VALIDATION_SIZES
+    VALIDATION_SIZES = tuple(args.validation_sizes)
     torch.set_num_threads(args.threads)
     n_seeds = args.seeds or (2 if args.quick else 5)
     modes = tuple(args.modes or (("adapter",) if args.quick else MODES))
     ks = tuple(None if k == "all" else int(k) for k in args.ks) if args.ks else ((20, None) if args.quick else KS)
     strategies = tuple(args.strategies or (("most-likely",) if args.quick else STRATEGY_NAMES))
     trainer = Trainer(parse_overrides(args.overrides))
+    auto = apply_auto_settings(args.auto)
 
     started = time.perf_counter()
     data = load_data(args.partial)
@@ -608,6 +720,7 @@ def main(argv: list[str] | None = None) -> None:
         "positives": int(data.positive.sum()),
         "seeds": list(range(args.first_seed, args.first_seed + n_seeds)),
         "overrides": trainer.overrides,
+        "auto": auto,
         "head_init": args.head_init,
         "default_config": {f.name: getattr(TrainConfig(), f.name) for f in fields(TrainConfig)},
         "threads": args.threads,
@@ -625,7 +738,9 @@ def main(argv: list[str] | None = None) -> None:
             if "B" in args.protocols:
                 t = time.perf_counter()
                 names = strategies if corpus in args.strategy_corpora else strategies[:1]
-                loops = [("bs", s) for s in names] + [("none", "random"), ("lr", "most-likely"), ("none", "near-positives")]
+                loops = [("bs", s) for s in names]
+                if not args.no_baselines:
+                    loops += [("none", "random"), ("lr", "most-likely"), ("none", "near-positives")]
                 for learner, name in loops:
                     estimate = learner == "bs" and name == "most-likely"
                     rows_b.append(run_loop(data, split, learner, name, trainer, args.rounds, args.per_round, estimate))

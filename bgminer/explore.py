@@ -31,8 +31,9 @@ from .probe import fit_logistic
 from .rank import RankContext, Strategy, _id_array, _top
 
 CHUNK_ROWS = 32_768
-MAX_BACKGROUND = 20_000  # corpus rows sampled as background for the probe and the class lift
+MAX_BACKGROUND = 5_000  # corpus rows sampled as background for the probe and the class lift
 PROBE_C = 1.0
+PROBE_ITERATIONS = 100  # L-BFGS steps: the ranking settles long before the loss does
 LIFT_CLASSES = 10
 MIN_CLASS_MASS = 0.01  # a lifted class must hold this much of the positives' mean probability
 FUSION_K = 60  # reciprocal-rank fusion constant (Cormack et al., 2009)
@@ -105,7 +106,7 @@ class ProbeRanker(_FeatureRanker):
         # the sample stands in for the whole unlabeled corpus
         unlabeled = len(ctx.ids) - len(np.union1d(ctx.positive_ids, ctx.negative_ids))
         weight = np.where(np.isin(ids, background), max(1.0, unlabeled / max(len(background), 1)), 1.0)
-        self.probe = fit_logistic(ctx.features.read("pooled", ids), y, c=PROBE_C, weight=weight)
+        self.probe = fit_logistic(ctx.features.read("pooled", ids), y, c=PROBE_C, weight=weight, max_iter=PROBE_ITERATIONS)
 
     def scores(self, ctx: RankContext, ids: np.ndarray) -> np.ndarray:
         return self.probe(ctx.features.read("pooled", ids))

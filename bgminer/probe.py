@@ -25,7 +25,9 @@ class LinearProbe:
         return np.asarray(x, dtype=np.float32) @ self.w + self.b
 
 
-def fit_logistic(x: np.ndarray, y: np.ndarray, c: float = 1.0, weight: np.ndarray | None = None) -> LinearProbe:
+def fit_logistic(
+    x: np.ndarray, y: np.ndarray, c: float = 1.0, weight: np.ndarray | None = None, max_iter: int = 300
+) -> LinearProbe:
     """Fit ``P(y=1 | x)``; ``weight`` multiplies each row's loss (e.g. to stand a sample of the
     background in for all of it). Needs both classes in ``y``."""
     x = np.asarray(x, dtype=np.float64)
@@ -39,7 +41,7 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, c: float = 1.0, weight: np.ndarra
     yt = torch.from_numpy(y.astype(np.float64))
     wt = torch.ones(len(y), dtype=torch.float64) if weight is None else torch.from_numpy(np.asarray(weight, np.float64))
     w = torch.zeros(x.shape[1] + 1, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([w], lr=1.0, max_iter=300, tolerance_grad=1e-6, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS([w], lr=1.0, max_iter=max_iter, tolerance_grad=1e-6, line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
