@@ -17,7 +17,9 @@ image id) and are mixed into the default strategy (:func:`bgminer.rank.make_stra
 - :class:`RankFusion`: reciprocal-rank fusion of several rankers' orders.
 
 Each reads at most ``MAX_BACKGROUND`` rows to fit and streams the rest in chunks, so memory
-stays flat with the corpus; their cost is in ``docs/benchmarks.md``.
+stays flat with the corpus; once a model has scored the corpus, a query scores at most
+``MAX_SCAN`` rows (:func:`scan_pool`), so its cost stops growing with the corpus. Their cost is
+in ``docs/benchmarks.md``.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from .rank import RankContext, Strategy, _id_array, _top
 
 CHUNK_ROWS = 32_768
 MAX_BACKGROUND = 5_000  # corpus rows sampled as background for the probe and the class lift
+MAX_SCAN = 200_000  # feature rows one ranker scores per query once a model exists (scan_pool)
 PROBE_C = 1.0
 PROBE_ITERATIONS = 100  # L-BFGS steps: the ranking settles long before the loss does
 LIFT_CLASSES = 10
@@ -56,6 +59,23 @@ def hellinger(logits: np.ndarray) -> np.ndarray:
     x = np.exp(x - x.max(axis=1, keepdims=True))
     x /= x.sum(axis=1, keepdims=True)
     return np.sqrt(x)
+
+
+def scan_pool(ctx: RankContext, rows: int | None = None) -> np.ndarray:
+    """The available ids a feature ranker scores. All of them up to ``MAX_SCAN`` (``rows``); past that,
+    once a model has scored the corpus, its ``MAX_SCAN / 2`` best plus a seeded sample of the rest as large,
+    so that a query at a million images reads a fixed number of feature rows, not the whole cache. Before
+    the first model every available image is scanned: there is no score to pick the pool by."""
+    rows = MAX_SCAN if rows is None else rows
+    mask = ctx.available()
+    available = ctx.ids[mask]
+    if len(available) <= rows or ctx.scores is None:
+        return available
+    scores = ctx.scores[mask]
+    best = np.argpartition(-scores, rows // 2 - 1)[: rows // 2]
+    rest = np.setdiff1d(np.arange(len(available)), best, assume_unique=True)
+    sample = np.random.default_rng(len(ctx.ids)).choice(rest, rows - len(best), replace=False)
+    return np.sort(available[np.concatenate([best, sample])])
 
 
 def background_sample(ctx: RankContext, n: int = MAX_BACKGROUND) -> np.ndarray:
@@ -88,7 +108,7 @@ class _FeatureRanker(Strategy):
 
             return NearestToPositives().rank(ctx, limit)
         self.prepare(ctx)
-        available = ctx.ids[ctx.available()]
+        available = scan_pool(ctx)
         keys = np.concatenate([self.scores(ctx, chunk) for chunk in chunked(available)] or [np.zeros(0, np.float32)])
         return _top(available, keys, limit)
 
@@ -148,7 +168,7 @@ class SemanticNeighbours(_FeatureRanker):
         positives = ctx.positive_ids[::-1][:MAX_POSITIVES_EXPLORED]
         queries = hellinger(ctx.features.read("logits", positives))
         per = min(limit, len(ctx.ids))  # positives may share neighbours: each brings up to ``limit``
-        available = ctx.ids[ctx.available()]
+        available = scan_pool(ctx)
         best_sim = np.full((len(positives), per), -np.inf, np.float32)
         best_ids = np.full((len(positives), per), -1, np.int64)
         for chunk in chunked(available):

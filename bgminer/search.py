@@ -119,6 +119,9 @@ class Finder:
         self.build_index(model_id, version.embeddings(), version.ids)
 
     def _run_build(self, model_id: int) -> None:
+        from .index.base import in_background
+
+        in_background()
         try:
             self._build_version(model_id)
             self.build_errors.pop(model_id, None)

@@ -11,7 +11,15 @@ import numpy as np
 import pytest
 
 from bgminer import strategies
-from bgminer.explore import ClassLift, ProbeRanker, RankFusion, SemanticNeighbours, UnexploredClusters, hellinger
+from bgminer.explore import (
+    ClassLift,
+    ProbeRanker,
+    RankFusion,
+    SemanticNeighbours,
+    UnexploredClusters,
+    hellinger,
+    scan_pool,
+)
 from bgminer.probe import fit_logistic
 from bgminer.rank import MostLikely, RankContext
 
@@ -121,3 +129,18 @@ def test_auto_without_features_falls_back_to_what_can_run():
     ctx = RankContext(ids=ids, positive_ids=ids[:2])
     got = strategies.make_strategy("auto").query(ctx, 10)
     assert len(got) == 10 and not np.isin(got, ids[:2]).any()
+
+
+def test_scan_pool_caps_the_rows_a_query_reads_once_a_model_has_scored_them():
+    ids = np.arange(1, 1001)
+    scores = np.linspace(0, 1, 1000).astype(np.float32)
+    ctx = RankContext(ids=ids, scores=scores, positive_ids=[1000], negative_ids=[999], reviewed_ids=[998])
+    pool = scan_pool(ctx, rows=100)
+    assert len(pool) == 100 and len(np.unique(pool)) == 100
+    assert not np.isin([998, 999, 1000], pool).any()  # never a labeled or reviewed image
+    assert np.isin(np.arange(948, 998), pool).all()  # the model's 50 best available images
+    assert (pool < 948).sum() == 50  # and as many drawn from the rest
+    np.testing.assert_array_equal(pool, scan_pool(ctx, rows=100))  # seeded: the same pool on a rerun
+    cold = RankContext(ids=ids, positive_ids=[1000])
+    assert len(scan_pool(cold, rows=100)) == 999  # before the first model: every available image
+    assert len(scan_pool(ctx, rows=5000)) == 997

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import struct
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from pathlib import Path
@@ -33,15 +34,28 @@ PARALLEL_MIN_QUERIES = 16
 MAGIC = b"BGMVIDX1"
 
 
+_thread_role = threading.local()
+
+
+def in_background() -> None:
+    """Mark the calling thread as a background builder: its builds leave one core to the foreground."""
+    _thread_role.background = True
+
+
 def use_threads(n_queries: int | None = None) -> None:
     """Set faiss's OpenMP threads for the calling thread (OpenMP keeps the setting per thread).
 
-    Building uses every core; a search of fewer than ``PARALLEL_MIN_QUERIES`` queries uses one:
-    on a busy 2-core machine an OpenMP team that waits for a core held by another process made
-    one exact query 4x slower (40 ms vs 10 ms at 10k x 1280).
+    Building uses every core, one fewer on a background builder thread (:func:`in_background`: the
+    index that builds after a round must not stall the reviewer's first page); a search of fewer than
+    ``PARALLEL_MIN_QUERIES`` queries uses one: on a busy 2-core machine an OpenMP team that waits for a
+    core held by another process made one exact query 4x slower (40 ms vs 10 ms at 10k x 1280).
     """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    faiss.omp_set_num_threads(1 if n_queries is not None and n_queries < PARALLEL_MIN_QUERIES else cores)
+    if n_queries is not None and n_queries < PARALLEL_MIN_QUERIES:
+        cores = 1
+    elif getattr(_thread_role, "background", False):
+        cores = max(1, cores - 1)
+    faiss.omp_set_num_threads(cores)
 
 
 def selector(exclude_ids: Iterable[int] | np.ndarray | None) -> faiss.IDSelector | None:
