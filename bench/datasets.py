@@ -75,19 +75,24 @@ def manifest_summary(root: Path = DATA_ROOT) -> dict:
 
 
 def _download(root: Path) -> Path:
-    """``apt-get download`` the package into ``root``; refreshes the apt lists once if needed."""
-    existing = max(root.glob(f"{PACKAGE}_*.deb"), default=None)
+    return apt_download(root, PACKAGE)
+
+
+def apt_download(root: Path, package: str) -> Path:
+    """``apt-get download`` ``package`` into ``root`` (once: a .deb already there is reused); refreshes
+    the apt lists once if needed."""
+    existing = max(root.glob(f"{package}_*.deb"), default=None)
     if existing is not None:
         return existing
     root.mkdir(parents=True, exist_ok=True)
-    command = ["apt-get", "download", PACKAGE]
+    command = ["apt-get", "download", package]
     result = subprocess.run(command, check=False, cwd=root, capture_output=True, text=True)
     if result.returncode != 0 and os.geteuid() == 0:
         subprocess.run(["apt-get", "update"], check=True, capture_output=True)
         result = subprocess.run(command, check=False, cwd=root, capture_output=True, text=True)
     if result.returncode != 0:
-        raise RuntimeError(f"`apt-get download {PACKAGE}` failed (try `apt-get update` first):\n{result.stderr}")
-    return max(root.glob(f"{PACKAGE}_*.deb"))
+        raise RuntimeError(f"`apt-get download {package}` failed (try `apt-get update` first):\n{result.stderr}")
+    return max(root.glob(f"{package}_*.deb"))
 
 
 def _unpack(root: Path, deb: Path) -> str:

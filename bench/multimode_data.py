@@ -55,7 +55,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.datasets import CLIPART_SUBDIR, DATA_ROOT, _check_image, _unpack, openclipart
+from bench.datasets import CLIPART_SUBDIR, DATA_ROOT, _check_image, _unpack, apt_download, openclipart
 
 MANIFEST_NAME = "multimode_manifest.json"
 MANIFEST_VERSION = 2
@@ -753,18 +753,7 @@ def _fetch_deb(root: Path, package: str) -> str:
     marker = root / f".{package}.unpacked"
     if marker.exists():
         return marker.read_text().strip()
-    root.mkdir(parents=True, exist_ok=True)
-    deb = max(root.glob(f"{package}_*.deb"), default=None)
-    if deb is None:
-        command = ["apt-get", "download", package]
-        result = subprocess.run(command, check=False, cwd=root, capture_output=True, text=True)
-        if result.returncode != 0 and os.geteuid() == 0:
-            subprocess.run(["apt-get", "update"], check=True, capture_output=True)
-            result = subprocess.run(command, check=False, cwd=root, capture_output=True, text=True)
-        if result.returncode != 0:
-            raise RuntimeError(f"`apt-get download {package}` failed (try `apt-get update` first):\n{result.stderr}")
-        deb = max(root.glob(f"{package}_*.deb"))
-    version = _unpack(root, deb)
+    version = _unpack(root, apt_download(root, package))
     marker.write_text(version + "\n")
     return version
 
