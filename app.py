@@ -23,6 +23,18 @@ STYLE = Path(__file__).parent / "assets" / "style.css"
 ACTIVE_JOB_IDS = "jobs_active_ids"  # session: jobs seen running at the last panel refresh
 PROJECT_SELECT = "project_select"
 NEW_PROJECT = "project_new_slug"
+NEW_BACKBONE = "project_new_backbone"
+# What each offline backbone buys and costs (docs/quality.md protocol C, docs/benchmarks.md);
+# resnet50 needs a weights file on the server, so it is created from the CLI only.
+BACKBONE_CHOICES = {
+    "efficientnet_lite0": "Lite0 · fastest",
+    "efficientnet_lite1": "Lite1",
+    "efficientnet_lite2": "Lite2 · varied classes",
+}
+BACKBONE_HELP = (
+    "The pretrained EfficientNet that embeds every image, fixed for the project's life. Lite2 finds more of a "
+    "rare class that comes in several styles (drawings, photos, icons) but embeds about 2x slower than Lite0."
+)
 
 st.set_page_config(page_title="bgminer", page_icon="🔎", layout="wide")
 try:
@@ -66,7 +78,10 @@ def _on_create() -> None:
         if not common.is_admin():
             raise PermissionError("only an admin may create projects")
         root = settings.project_path(slug)
-        Project.create(root)
+        backbone = st.session_state.get(NEW_BACKBONE) or "efficientnet_lite0"
+        if backbone not in BACKBONE_CHOICES:
+            raise ValueError(f"unknown backbone {backbone!r}")
+        Project.create(root, backbone=backbone)
     except common.BAD_INPUT as exc:
         st.session_state["project_error"] = f"Could not create project {code(slug)}: {md_escape(exc)}"
         return
@@ -115,6 +130,13 @@ def project_picker(config: Settings, admin: bool) -> Project | None:
     if admin:
         with st.expander("New project", icon=":material/create_new_folder:"):
             st.text_input("Name", key=NEW_PROJECT, placeholder="birds-2026", help="Lower-case letters, digits and dashes.")
+            st.selectbox(
+                "Backbone",
+                list(BACKBONE_CHOICES),
+                key=NEW_BACKBONE,
+                format_func=BACKBONE_CHOICES.__getitem__,
+                help=BACKBONE_HELP,
+            )
             st.button("Create", icon=":material/add:", on_click=_on_create, key="project_create")
     if error := st.session_state.pop("project_error", None):
         st.error(error)

@@ -33,6 +33,7 @@ cols[0].metric("Images", f"{corpus.images:,}")
 cols[1].metric("Embedded", f"{corpus.embedded:,}")
 cols[2].metric("Rejected", f"{corpus.rejected:,}")
 cols[3].metric("Categories", len(project.categories()))
+st.caption(f"Backbone: {code(project.backbone_name)}")
 
 running = common.active_jobs(project, "ingest")
 if running:

@@ -62,6 +62,10 @@ class Project:
     @classmethod
     def create(cls, root: str | Path, backbone: str = "efficientnet_lite0", backbone_weights: str | None = None) -> Project:
         """Create a project folder (or open it if it already is one)."""
+        from bgminer.backbone import available_backbones
+
+        if backbone not in available_backbones():
+            raise ProjectError(f"unknown backbone {backbone!r}; available: {', '.join(available_backbones())}")
         root = Path(root).expanduser().resolve()
         _refuse_inside_uploads(root)
         if root.exists() and not root.is_dir():

@@ -28,7 +28,7 @@ from .rank import (
 )
 
 COLD_START_POSITIVES = 20  # below this, the pretrained-feature rankers alone (bench/multimode.py)
-EXPLORE_SHARE = 0.25  # of each queue: neighbourhoods of every found positive, any style
+EXPLORE_SHARE = 0.1  # of each queue: neighbourhoods of every found positive, any style (protocols B, C)
 UNEXPLORED_SHARE = 0.0  # of each queue: central images of clusters that hold no positive
 UNCERTAIN_SHARE = 0.0  # of each queue, once a model exists: scores nearest the boundary
 WARM_MAIN = "fusion"  # with a model and enough positives: "fusion" (model + probe) or "model"

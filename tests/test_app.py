@@ -136,6 +136,17 @@ def test_sidebar_creates_a_new_project_by_name_in_the_projects_folder(tmp_path, 
     assert at.sidebar.selectbox(key="project_select").value == str(tmp_path / "new")
     assert metric(at, "Images") == "0"
     assert "No images yet" in texts(at.info)
+    assert Project(tmp_path / "new").backbone_name == "efficientnet_lite0"
+
+
+def test_a_new_project_can_use_a_stronger_backbone(tmp_path, monkeypatch):
+    monkeypatch.setenv("BGMINER_PROJECTS_DIR", str(tmp_path))
+    at = app(tmp_path / "nothing-here")
+    at.sidebar.text_input(key="project_new_slug").set_value("styles")
+    at.sidebar.selectbox(key="project_new_backbone").set_value("efficientnet_lite2")
+    at.sidebar.button(key="project_create").click().run()
+    assert Project(tmp_path / "styles").backbone_name == "efficientnet_lite2"
+    assert "efficientnet_lite2" in texts(at.caption)
 
 
 @pytest.mark.parametrize("page", ["find", "train", "review"])

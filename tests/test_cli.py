@@ -66,3 +66,11 @@ def test_the_progress_line_names_the_counts_once(capsys):
     _print_progress(5, 5, "5/5 images, 9.0 images/s, ETA 0 s")
     err = capsys.readouterr().err
     assert "scoring 3/5" in err and err.count("5/5") == 1 and err.endswith("\n")
+
+
+def test_init_takes_a_registered_backbone_and_refuses_an_unknown_one(tmp_path, capsys):
+    assert cli(["init", str(tmp_path / "lite2"), "--backbone", "efficientnet_lite2"]) == 0
+    assert Project(tmp_path / "lite2").backbone_name == "efficientnet_lite2"
+    assert cli(["init", str(tmp_path / "typo"), "--backbone", "efficientnet_lite9"]) == 2
+    assert "unknown backbone 'efficientnet_lite9'" in capsys.readouterr().err
+    assert not (tmp_path / "typo").exists()
