@@ -650,7 +650,9 @@ def parse_overrides(pairs: list[str]) -> dict[str, object]:
     return out
 
 
-AUTO_SETTINGS = ("COLD_START_POSITIVES", "EXPLORE_SHARE", "UNEXPLORED_SHARE", "UNCERTAIN_SHARE", "WARM_MAIN")
+AUTO_SETTINGS = (
+    "COLD_START_POSITIVES", "EXPLORE_SHARE", "UNEXPLORED_SHARE", "CLASS_LIFT_SHARE", "UNCERTAIN_SHARE", "WARM_MAIN"
+)
 
 
 def apply_auto_settings(pairs: list[str]) -> dict[str, object]:

@@ -62,11 +62,14 @@ def train_round(
     if len(ids) == 0:
         raise ValueError("no embedded images yet: ingest and embed a corpus first")
 
-    parent = None
+    spec = get_mode(config.mode)
+    parent = source = None
     if config.warm_start:
         cat_ids = {project.store.category_id(c) for c in cats}
-        ready = (m for m in project.store.models() if m.state == "ready" and m.mode == config.mode)
-        parent = next((m for m in ready if set(m.category_ids) <= cat_ids), None)
+        ready = [m for m in project.store.models() if m.state == "ready" and set(m.category_ids) <= cat_ids]
+        parent = next((m for m in ready if m.mode == config.mode), None)
+        if parent is None and spec.warm_from is not None:  # e.g. full mode's first round starts from last-stage
+            source = next((m for m in ready if m.mode == spec.warm_from[0]), None)
     if parent is not None:
         model = project.load_model(parent.id)
         cats = list(model.categories) + [c for c in cats if c not in model.categories]
@@ -74,10 +77,13 @@ def train_round(
             model = grow_categories(model, cats)
     else:
         model = build_model(config.mode, project.backbone, cats, fixed_background_logit=config.fixed_background_logit)
+        if source is not None:
+            model = spec.warm_from[1](model, project.load_model(source.id))
+            parent = source
     model_id = project.store.add_model(cats, config.mode, asdict(config), parent.id if parent else None)
     started = time.perf_counter()
     try:
-        inputs = get_mode(config.mode).inputs(project)
+        inputs = spec.inputs(project)
         labels = {k: project.store.labels(c) for k, c in enumerate(cats)}
         training_set = build_training_set(inputs, labels, ids, project.features.open("logits"), config)
 

@@ -30,6 +30,7 @@ from .rank import (
 COLD_START_POSITIVES = 20  # below this, the pretrained-feature rankers alone (bench/multimode.py)
 EXPLORE_SHARE = 0.1  # of each queue: neighbourhoods of every found positive, any style (protocols B, C)
 UNEXPLORED_SHARE = 0.0  # of each queue: central images of clusters that hold no positive
+CLASS_LIFT_SHARE = 0.0  # of each queue: mass on the ImageNet classes lifted among the positives
 UNCERTAIN_SHARE = 0.0  # of each queue, once a model exists: scores nearest the boundary
 WARM_MAIN = "fusion"  # with a model and enough positives: "fusion" (model + probe) or "model"
 
@@ -48,7 +49,11 @@ class Auto(Strategy):
         main: Strategy = ProbeRanker()
         if warm:
             main = RankFusion([MostLikely(None), ProbeRanker()]) if WARM_MAIN == "fusion" else MostLikely(None)
-        shares = [(SemanticNeighbours(), EXPLORE_SHARE), (UnexploredClusters(), UNEXPLORED_SHARE)]
+        shares = [
+            (SemanticNeighbours(), EXPLORE_SHARE),
+            (UnexploredClusters(), UNEXPLORED_SHARE),
+            (ClassLift(), CLASS_LIFT_SHARE),
+        ]
         if ctx.scores is not None:
             shares.append((Uncertain(None), UNCERTAIN_SHARE))
         parts = [(main, 1.0 - sum(w for _, w in shares))] + [(s, w) for s, w in shares if w > 0]

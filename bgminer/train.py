@@ -38,7 +38,7 @@ _PROGRESS_INTERVAL_S = 0.5
 class TrainConfig:
     """Everything that decides a training round; JSON-able (``dataclasses.asdict``) for the store.
 
-    ``epochs``, ``batch_size``, ``lr``, ``warm_start`` and ``min_steps`` left as None take the mode's default
+    ``epochs``, ``batch_size``, ``lr``, ``warm_start``, ``min_steps`` and ``min_background`` left as None take the mode's default
     (:attr:`bgminer.modes.ModeSpec.defaults`). ``mode="auto"`` leaves them None until :meth:`resolved`
     picks the round's mode (:func:`bgminer.modes.resolve_mode`).
     """
@@ -51,7 +51,7 @@ class TrainConfig:
     aux_weight: float = 0.04  # Forager's value; the paper used 0.1, which cost AP on clip art (docs/quality.md)
     soft_aux: bool = False  # distill the pretrained softmax instead of its hard argmax
     background_ratio: float = 10.0  # presumed-background unlabeled images sampled per labeled positive
-    min_background: int = 200  # at least this many (or every unlabeled image when fewer)
+    min_background: int | None = None  # at least this many (or every unlabeled image when fewer)
     pos_fraction: float = 0.0  # expected share of positives per batch (sampled with replacement); 0 = uniform
     fixed_background_logit: float | None = None
     seed: int = 0
@@ -181,6 +181,15 @@ def _epoch_order(ts: TrainingSet, config: TrainConfig, generator: torch.Generato
     return torch.multinomial(weights.double(), n, replacement=True, generator=generator)
 
 
+def _param_groups(net: BackgroundSplittingModel, config: TrainConfig) -> list[dict]:
+    """The heads at ``config.lr``, the trunk at the mode's fraction of it (one group when they are equal)."""
+    scale = get_mode(config.mode).trunk_lr_scale
+    if scale == 1.0:
+        return [{"params": list(net.parameters()), "lr": config.lr}]
+    heads = [p for name, p in net.named_parameters() if not name.startswith("trunk.")]
+    return [{"params": heads, "lr": config.lr}, {"params": list(net.trunk.parameters()), "lr": config.lr * scale}]
+
+
 def train(
     model: BackgroundSplittingModel,
     training_set: TrainingSet,
@@ -214,7 +223,7 @@ def train(
     if device.type == "cuda" and get_mode(config.mode).spatial_input:
         net = net.to(memory_format=torch.channels_last)
     net.train()
-    optimizer = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=True)
+    optimizer = torch.optim.AdamW(_param_groups(net, config), weight_decay=config.weight_decay, fused=True)
     batch_size = int(config.batch_size)
     steps_per_epoch = math.ceil(len(training_set) / batch_size)
     total_steps = max(steps_per_epoch * int(config.epochs), config.min_steps)

@@ -117,3 +117,53 @@ def test_last_stage_query_embedding_rounds_stage_maps_like_the_cache(trained):
     assert np.abs(rounded - unrounded).max() > 1e-4  # the rounding is visible at this tolerance ...
     np.testing.assert_allclose(query, rounded, atol=1e-6)  # ... and the query embedding has it
     assert spec.float16_input
+
+
+def test_the_trunk_learns_at_the_modes_fraction_of_the_heads_rate():
+    from bgminer.backbone import load_backbone
+    from bgminer.model import build_model
+    from bgminer.train import _param_groups
+
+    backbone = load_backbone()
+    for name in MODES:
+        config = TrainConfig(mode=name, lr=1e-3)
+        model = build_model(name, backbone, ["a"])
+        groups = _param_groups(model, config)
+        assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+        assert {id(p) for g in groups for p in g["params"]} == {id(p) for p in model.parameters()}
+        trunk = {id(p) for p in model.trunk.parameters()}
+        for group in groups:
+            in_trunk = {id(p) in trunk for p in group["params"]}
+            expected = 1e-3 * get_mode(name).trunk_lr_scale if in_trunk == {True} else 1e-3
+            assert group["lr"] == pytest.approx(expected), name
+    assert get_mode("full").trunk_lr_scale == 0.1 and get_mode("adapter").trunk_lr_scale == 1.0
+
+
+def test_a_first_full_mode_round_starts_from_the_latest_last_stage_model(tmp_path, image_folder):
+    from bgminer.model import build_model
+    from bgminer.modes import _full_from_last_stage
+
+    project = Project.create(tmp_path / "proj")
+    project.ingest([image_folder])
+    project.embed(batch_size=5, device="cpu")
+    for name in (CATEGORY, "other"):
+        project.add_category(name)
+    images = sorted(image_folder.glob("*.png"))
+    project.label_paths(CATEGORY, images[:3], "positive")
+    project.label_paths("other", images[3:5], "positive")
+    stage = project.train(CATEGORY, TrainConfig(mode="last-stage", batch_size=8, max_steps=1, device="cpu"))
+    source = project.load_model(stage.id)
+    warm = _full_from_last_stage(build_model("full", project.backbone, [CATEGORY]), source)
+    for got, want in ((warm.trunk[1], source.trunk), (warm.main_head, source.main_head), (warm.aux_head, source.aux_head)):
+        assert all(torch.equal(got.state_dict()[k], v) for k, v in want.state_dict().items())
+    assert all(torch.equal(warm.trunk[0].state_dict()[k], v) for k, v in project.backbone.net.stem.state_dict().items())
+    with pytest.raises(ValueError, match="only from a last-stage model"):
+        _full_from_last_stage(warm, warm)
+
+    # Through a round: two categories, the source knew one; the other starts at zero like a fresh head.
+    full = project.train([CATEGORY, "other"], TrainConfig(mode="full", batch_size=4, max_steps=1, device="cpu"))
+    assert full.state == "ready" and full.mode == "full" and full.parent_id == stage.id
+    again = project.train([CATEGORY, "other"], TrainConfig(mode="full", batch_size=4, max_steps=1, device="cpu"))
+    assert again.parent_id == full.id  # later full rounds continue from full mode's own latest version
+    cold = project.train(CATEGORY, TrainConfig(mode="full", batch_size=4, max_steps=1, device="cpu", warm_start=False))
+    assert cold.parent_id is None

@@ -263,6 +263,6 @@ def test_scoring_streams_in_chunks_with_the_same_result(backbone, corpus):
 
 def test_config_fills_mode_defaults_and_mismatched_modes_are_refused(backbone, corpus):
     config = TrainConfig(mode="full")
-    assert (config.epochs, config.batch_size, config.lr) == (10, 64, 1e-4)
+    assert (config.epochs, config.batch_size, config.lr, config.min_background) == (10, 64, 1e-3, 2000)
     with pytest.raises(ValueError, match="does not match"):
         train(build_model("adapter", backbone, ["rare"]), tiny_set(corpus, [1, 0]), config)
