@@ -2,7 +2,7 @@
 
     bash bench/gpu_check.sh                      # on a CUDA machine; prints one JSON object
     bash bench/gpu_check.sh --sweep 4 8 16       # also embedding img/s per number of decode workers
-    python bench/gpu_check.py --device cpu --repeat 1 --jpeg-device cpu   # smoke test of this script, no GPU
+    python bench/gpu_check.py --device cpu --repeat 1 --jpeg-device cpu --compare-seeds 1 --compare-max-steps 2  # smoke
 
 Uses the demo corpus (assets/demo, 400 PNGs, repeated ``--repeat`` times through symlinks) and the
 same images re-encoded as 1000-px JPEGs, with their ground-truth labels, so it needs nothing but
@@ -13,6 +13,9 @@ the repository and the pretrained weights. Embedding runs:
 - ``jpeg_nvjpeg``: the JPEGs left encoded by the workers and decoded in batches by nvJPEG
   (``torchvision.io.decode_jpeg(device="cuda")``), resized and cropped on the GPU;
 - ``forward_ceiling``: the same forward pass on a pre-decoded batch, repeated (the GPU's own rate).
+
+Then ``full_vs_last_stage`` (``bench/full_mode.py``): AP of adapter, last-stage and full-mode rounds at
+20 positives per demo category of 40+ images, full mode starting from the last-stage model.
 """
 
 from __future__ import annotations
@@ -83,6 +86,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=None, help="decode worker processes (default: bgminer's for the device)")
     parser.add_argument("--jpeg-device", default="auto", help="where JPEGs are decoded in the nvjpeg run (cpu: smoke test)")
     parser.add_argument("--sweep", type=int, nargs="*", default=[], help="also embed the PNGs with each of these worker counts")
+    parser.add_argument("--compare-seeds", type=int, default=2, help="full vs last-stage seeds (bench/full_mode.py); 0 skips")
+    parser.add_argument("--compare-max-steps", type=int, default=None, help="cap those rounds (smoke tests only)")
     args = parser.parse_args()
     dev = args.device
     if dev == "cuda" and not torch.cuda.is_available():
@@ -172,6 +177,10 @@ def main() -> None:
                 "demo_ap_from_5_seeds": average_precision(rare[test], scores[test, 0]),
                 "final_loss": result.epochs[-1].total,
             }
+    if args.compare_seeds:
+        from bench.full_mode import run as full_vs_last_stage
+
+        out["full_vs_last_stage"] = full_vs_last_stage(dev, None, args.compare_seeds, 20, args.compare_max_steps)
     out["load_average_after"] = os.getloadavg()[0]
     print(json.dumps(out, indent=1))
 
