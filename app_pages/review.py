@@ -31,6 +31,7 @@ STRATEGY_NAMES = {
     "probe": "Few-shot probe",
     "new-modes": "New styles",
     "class-lift": "ImageNet classes",
+    "unexplored": "Unexplored clusters",
     "mixed": "Mixed",
     "validate": "Validation sample",
 }
@@ -212,8 +213,8 @@ options = list(STRATEGIES) if model is not None else [s for s in STRATEGIES if s
 if st.session_state.get(STRATEGY) not in options:
     st.session_state[STRATEGY] = options[0]
 top = st.columns([3, 1], vertical_alignment="bottom")
-strategy = top[0].segmented_control(
-    "Strategy", options, format_func=lambda s: STRATEGY_NAMES.get(s, s), key=STRATEGY, required=True
+strategy = top[0].selectbox(  # a select box: eleven strategies do not fit one row of buttons
+    "Strategy", options, format_func=lambda s: STRATEGY_NAMES.get(s, s), key=STRATEGY
 )
 view = top[1].segmented_control("View", ["one", "grid"], format_func=str.title, key=VIEW, default="one", required=True)
 

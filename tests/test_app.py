@@ -347,7 +347,7 @@ def test_review_skip_moves_on_without_labeling(trained):
 def test_review_shows_counters_and_every_strategy(trained):
     at = app(trained.root, "review")
     assert {m.label for m in at.metric} >= {"Reviewed", "Found", "Precision, last 20"}
-    assert set(at.segmented_control(key="review_strategy").options) >= {
+    assert set(at.selectbox(key="review_strategy").options) >= {
         "Most likely",
         "Uncertain",
         "Near seeds",
