@@ -60,7 +60,7 @@ from bgminer.probe import LinearProbe, fit_logistic
 from bgminer.rank import RankContext
 from bgminer.scoring import score
 from bgminer.store import Store
-from bgminer.strategies import make_strategy
+from bgminer.strategies import DEFAULT_STRATEGY, make_strategy
 from bgminer.train import TrainConfig, build_training_set, train
 
 CORPORA = {"4%": None, "0.5%": 0.005, "0.1%": 0.001}  # positive share; None = the corpus as it is
@@ -744,7 +744,7 @@ def main(argv: list[str] | None = None) -> None:
                 if not args.no_baselines:
                     loops += [("none", "random"), ("lr", "most-likely"), ("none", "near-positives")]
                 for learner, name in loops:
-                    estimate = learner == "bs" and name == "most-likely"
+                    estimate = learner == "bs" and name == DEFAULT_STRATEGY  # the estimator under the shipped loop
                     rows_b.append(run_loop(data, split, learner, name, trainer, args.rounds, args.per_round, estimate))
                 timings["B"] = timings.get("B", 0.0) + time.perf_counter() - t
             print(f"[{time.perf_counter() - started:6.0f} s] {corpus} seed {seed} done", file=sys.stderr, flush=True)

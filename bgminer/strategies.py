@@ -27,10 +27,10 @@ from .rank import (
     ValidationSample,
 )
 
-COLD_START_POSITIVES = 20  # below this, the pretrained-feature rankers alone (bench/multimode.py)
+COLD_START_POSITIVES = 20  # below this, the pretrained-feature rankers alone (5 and 40 did no better: docs/quality.md)
 EXPLORE_SHARE = 0.1  # of each queue: neighbourhoods of every found positive, any style (protocols B, C)
 UNEXPLORED_SHARE = 0.0  # of each queue: central images of clusters that hold no positive
-CLASS_LIFT_SHARE = 0.0  # of each queue: mass on the ImageNet classes lifted among the positives
+CLASS_LIFT_SHARE = 0.0  # of each queue: mass on the ImageNet classes lifted among the positives (0.1 lost 2 points, C)
 UNCERTAIN_SHARE = 0.0  # of each queue, once a model exists: scores nearest the boundary
 WARM_MAIN = "fusion"  # with a model and enough positives: "fusion" (model + probe) or "model"
 
