@@ -1,6 +1,6 @@
 # Two commands do all the set-up on a fresh machine:
 #   make app    -> virtualenv + requirements + demo project, then the Streamlit app
-#   make test   -> virtualenv + requirements (+ Chromium for the browser test), then pytest
+#   make test   -> virtualenv + requirements (+ Chromium and wordnet-base, when root), then pytest
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -27,10 +27,11 @@ app: demo
 	BGMINER_PROJECT=$(DEMO) $(VENV)/bin/streamlit run app.py --server.address $(ADDRESS) --server.port $(PORT) --server.headless true
 
 # Chromium + chromedriver for the browser end-to-end test (Debian packages; needs root).
+# WordNet 3.0 (wordnet-base) for the test that rebuilds the committed hypernym table (scripts/build_wordnet_table.py).
 system-deps:
-	@if [ ! -x /usr/bin/chromium ]; then \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; \
-	  else echo "note: /usr/bin/chromium missing and not root: the browser test will be skipped"; fi; fi
+	@if [ ! -x /usr/bin/chromium ] || [ ! -f /usr/share/wordnet/data.noun ]; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver wordnet-base; \
+	  else echo "note: chromium or wordnet-base missing and not root: the browser and WordNet-table tests will be skipped"; fi; fi
 
 test: install system-deps
 	$(PY) -m pytest -q
