@@ -29,21 +29,19 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bgminer.demo import DEMO_DIR, build_demo_project
 from bgminer.evaluate import average_precision
 from bgminer.project import Project
 from bgminer.train import TrainConfig
 
-DEMO = ROOT / "assets" / "demo"
 MODES = ("adapter", "last-stage", "full")
 
 
 def demo_project(folder: Path, device: str) -> tuple[Project, dict[int, str]]:
-    """The demo corpus ingested and embedded into a fresh project; image id -> its category."""
-    with open(DEMO / "labels.csv", newline="") as f:
-        truth = {str((DEMO / r["path"]).resolve()): r["category"] for r in csv.DictReader(f)}
-    project = Project.create(folder / "demo")
-    project.ingest([DEMO / "images"])
-    project.embed(device=device)
+    """The demo project (``bgminer.demo``) built in ``folder``; image id -> its category from the demo's labels."""
+    project = build_demo_project(folder / "demo", device=device)
+    with open(DEMO_DIR / "labels.csv", newline="") as f:
+        truth = {str((DEMO_DIR / r["path"]).resolve()): r["category"] for r in csv.DictReader(f)}
     by_id = {project.store.image_id_for_path(p): c for p, c in truth.items()}
     return project, {i: c for i, c in by_id.items() if i is not None}
 
@@ -62,14 +60,14 @@ def compare(
     rows = []
     ids = np.array(sorted(category_of), dtype=np.int64)
     for category in categories:
-        members = ids[[category_of[int(i)] == category for i in ids]]
+        truth = np.array([category_of[int(i)] == category for i in ids])
+        members = ids[truth]
         for seed in range(seeds):
             name = f"{category}-seed{seed}"
             project.add_category(name)
             chosen = np.random.default_rng(seed).choice(members, positives, replace=False)
             project.label(name, [int(i) for i in chosen], "positive")
             rest = ~np.isin(ids, chosen)
-            truth = np.array([category_of[int(i)] == category for i in ids])
             for mode in modes:
                 config = TrainConfig(mode=mode, device=device, max_steps=max_steps, seed=seed)
                 t0 = time.perf_counter()
