@@ -71,7 +71,13 @@ category = common.active_category(project)
 with st.expander("Categories", expanded=category is None, icon=":material/label:"):
     left, right = st.columns(2)
     with left:
-        st.text_input("New category", key=NEW_CATEGORY, placeholder="e.g. zebra")
+        st.text_input(
+            "New category",
+            key=NEW_CATEGORY,
+            placeholder="e.g. zebra",
+            help="Name it with a plain word for the thing (zebra, bird, footwear): the Auto review queue reads what the "
+            "word means and looks for it in every style, for as long as your positives agree.",
+        )
         st.button("Create category", icon=":material/add:", on_click=create_category, key="find_create_category")
     with right:
         if category is not None:

@@ -16,6 +16,7 @@ from app_pages.text import code, md_escape
 from bgminer.imageio import ImageRejected, load_rgb, make_thumbnail
 from bgminer.store import UndoConflict
 from bgminer.strategies import NEEDS_MODEL, STRATEGIES
+from bgminer.textsearch import name_classes
 
 QUEUE_SIZE = 50
 STRIP = 8
@@ -31,6 +32,7 @@ STRATEGY_NAMES = {
     "probe": "Few-shot probe",
     "new-modes": "New styles",
     "class-lift": "ImageNet classes",
+    "name": "The name's meaning",
     "unexplored": "Unexplored clusters",
     "mixed": "Mixed",
     "validate": "Validation sample",
@@ -217,6 +219,12 @@ strategy = top[0].selectbox(  # a select box: eleven strategies do not fit one r
     "Strategy", options, format_func=lambda s: STRATEGY_NAMES.get(s, s), key=STRATEGY
 )
 view = top[1].segmented_control("View", ["one", "grid"], format_func=str.title, key=VIEW, default="one", required=True)
+if strategy in ("auto", "name") and (meaning := name_classes(category)):
+    shown = ", ".join(m.name for m in meaning[:4]) + (", …" if len(meaning) > 4 else "")
+    st.caption(
+        f"“{md_escape(category)}” reads as {len(meaning)} ImageNet class{'es' if len(meaning) > 1 else ''} ({md_escape(shown)}): "
+        "the queue leans on them while your positives score high on them, and ignores them otherwise."
+    )
 
 main, side = st.columns([3, 1], gap="large")
 with side:

@@ -6,7 +6,8 @@ concept's positives to that share, spread over the concept's modes (styles/sourc
 each), keeps every other image (the concept's family members are the hard negatives), and picks
 the seed positives from one mode only (rotating with the seed). Then the product's review loop
 (:class:`bgminer.loop.Miner` over ``bench.quality.BenchProject``, an oracle deciding 20 per round,
-15 rounds) runs with each loop:
+15 rounds) runs with each loop, on a category named after the concept ("bird", as a person would
+name it; the default strategy reads what the name means, ``bgminer.explore.NamePrior``):
 
 - ``bs:auto``          the default strategy over the background-splitting model (the product);
 - ``bs:most-likely``   the previous default (model score only);
@@ -15,7 +16,9 @@ the seed positives from one mode only (rotating with the seed). Then the product
 
 Reported per prevalence: positives found after 100/200/300 reviews (share of the hidden ones),
 the share of the concept's non-seed modes with at least one find, and the AP of the learner's
-final ranking over the positives still unreviewed.
+final ranking over the positives still unreviewed. ``--names wrong`` names each category after the
+next concept (bird's "fruit") and ``--auto NAME_PRIOR=0`` ignores names: what a misleading or a
+meaningless name costs.
 
     .venv/bin/python bench/multimode.py                        # 5 seeds x every concept x 0.5% and 0.1%
     .venv/bin/python bench/multimode.py --seeds 2 --concepts bird --prevalences 0.5% --loops bs:auto lr:most-likely
@@ -90,14 +93,24 @@ def draw(items: list[Item | None], concept: str, fraction: float, seed: int) -> 
     return rows, positive, np.sort(seeds.astype(np.int64))
 
 
-def one_run(data: Data, items, concept: str, corpus: str, seed: int, loop: str, trainer: Trainer, rounds: int) -> dict:
+def category_name(concept: str, names: str, concepts: list[str]) -> str:
+    """What the person calls the category: the concept's own word, or (``names="wrong"``) the next
+    concept's, to measure what a name that means something else costs."""
+    if names == "wrong":
+        return concepts[(concepts.index(concept) + 1) % len(concepts)]
+    return concept
+
+
+def one_run(
+    data: Data, items, concept: str, corpus: str, seed: int, loop: str, trainer: Trainer, rounds: int, name: str | None = None
+) -> dict:
     rows, positive, seeds = draw(items, concept, PREVALENCES[corpus], seed)
     truth = np.zeros(len(data.positive), bool)
     truth[rows[positive]] = True
     run_data = replace(data, positive=truth)
     learner, strategy = loop.split(":")
     split = Split(corpus, seed, rows, rows[:0])
-    result = run_loop(run_data, split, learner, strategy, trainer, rounds, 20, seeds=seeds)
+    result = run_loop(run_data, split, learner, strategy, trainer, rounds, 20, seeds=seeds, category=name or concept)
     seed_mode = items[int(seeds[0])].mode
     modes = {items[r].mode for r in rows[positive]}
     found_modes = {items[i].mode for i in result["reviewed_ids"] if truth[i]}
@@ -111,6 +124,7 @@ def one_run(data: Data, items, concept: str, corpus: str, seed: int, loop: str, 
     ap = average_precision(remaining_truth, np.asarray(final)[~reviewed]) if remaining_truth.any() else float("nan")
     result.update(
         concept=concept,
+        category=name or concept,
         seed_mode=seed_mode,
         modes=sorted(modes),
         other_modes_found=len(others & found_modes) / len(others) if others else float("nan"),
@@ -167,6 +181,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--auto", action="append", default=[], metavar="NAME=VALUE",
                         help="try another setting of the default strategy (a constant of bgminer.strategies)")
+    parser.add_argument("--names", choices=["concept", "wrong"], default="concept",
+                        help="the category's name: the concept's word (bird), or the next concept's, to measure a misleading name")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
@@ -185,7 +201,8 @@ def main(argv: list[str] | None = None) -> None:
         for concept in concepts:
             for seed in seeds:
                 for loop in args.loops:
-                    runs.append(one_run(data, items, concept, corpus, seed, loop, trainer, args.rounds))
+                    name = category_name(concept, args.names, concepts)
+                    runs.append(one_run(data, items, concept, corpus, seed, loop, trainer, args.rounds, name))
                     r = runs[-1]
                     print(f"[{time.perf_counter() - started:6.0f} s] {corpus} {concept} seed {seed} {loop}: "
                           f"found {r['found']} of {r['hidden']}, other modes {r['other_modes_found']:.2f}, "
@@ -199,6 +216,7 @@ def main(argv: list[str] | None = None) -> None:
         "seeds": seeds,
         "overrides": trainer.overrides,
         "auto": auto,
+        "names": args.names,
         "summary": summarize(runs),
         "seconds": time.perf_counter() - started,
     }

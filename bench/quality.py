@@ -280,6 +280,7 @@ def default_strategy_scores(data: Data, split: Split, positives: np.ndarray, mod
         positive_ids=positives,
         negative_ids=np.setdiff1d(split.train, positives),
         features=data,
+        category=RARE_CATEGORY,
     )
     order = make_strategy("auto").rank(ctx, len(split.test))
     out = np.full(len(split.test), -len(split.test), np.float64)  # anything left unranked comes last
@@ -298,7 +299,10 @@ class BenchProject:
     """The training split as a project for :class:`bgminer.loop.Miner`: a real store (labels, models),
     cached features, and ``learner`` ("bs", "lr" or "none") as the round that :meth:`train` runs."""
 
-    def __init__(self, data: Data, split: Split, learner: str, trainer: Trainer, folder: Path, retrain_after: int):
+    def __init__(
+        self, data: Data, split: Split, learner: str, trainer: Trainer, folder: Path, retrain_after: int,
+        category: str = RARE_CATEGORY,
+    ):
         self.data, self.rows, self.learner, self.trainer = data, split.train, learner, trainer
         self.store = Store(folder / "bench.sqlite")
         with self.store.write() as db:  # image id = row of Data
@@ -306,7 +310,7 @@ class BenchProject:
                 "INSERT INTO images (id, path, status, embedded, added_at) VALUES (?, ?, 'ok', 1, 0)",
                 [(int(r), data.paths[r]) for r in self.rows],
             )
-        self.store.add_category(RARE_CATEGORY)
+        self.store.add_category(category)
         self.auto_retrain_after = retrain_after if learner != "none" else 0
         self.scores: np.ndarray | None = None
         self.embeddings = data.pooled[self.rows]
@@ -348,10 +352,12 @@ def run_loop(
     per_round: int,
     estimate: bool = False,
     seeds: np.ndarray | None = None,
+    category: str = RARE_CATEGORY,
 ) -> dict:
     """One review loop on the training split, driven through :class:`bgminer.loop.Miner` (an oracle
     decides). ``learner``: "bs" (default model), "lr", or "none" (no model). A round retrains when
-    ``per_round`` new labels arrived (the auto-retrain policy)."""
+    ``per_round`` new labels arrived (the auto-retrain policy). ``category``: the name the person
+    gave the class (the default strategy reads what it means)."""
     rows = split.train
     truth = data.positive[rows]
     positives = rows[truth]
@@ -365,9 +371,9 @@ def run_loop(
     mode = str(trainer.overrides.get("mode", TrainConfig().mode))
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bgminer-quality-") as folder:
-        project = BenchProject(data, split, learner, trainer, Path(folder), retrain_after=per_round)
-        project.label(RARE_CATEGORY, seeds, "positive", author="oracle")
-        miner = Miner(project, RARE_CATEGORY, "oracle", strategy_name)
+        project = BenchProject(data, split, learner, trainer, Path(folder), retrain_after=per_round, category=category)
+        project.label(category, seeds, "positive", author="oracle")
+        miner = Miner(project, category, "oracle", strategy_name)
         for r in range(rounds):
             config = trainer.config(mode, split.seed + r)
             if r == 0 and learner != "none":
@@ -376,7 +382,7 @@ def run_loop(
                 miner.retrain_if_due(config=config)
             if estimate and project.scores is not None and len(reviewed) in ESTIMATE_AT:
                 estimates.extend(
-                    check_estimator(rows, project.scores, project.store.labels(RARE_CATEGORY), is_pos, split.seed, len(reviewed))
+                    check_estimator(rows, project.scores, project.store.labels(category), is_pos, split.seed, len(reviewed))
                 )
             miner.seed = split.seed * 1000 + r
             for candidate in miner.query(per_round):
@@ -651,7 +657,8 @@ def parse_overrides(pairs: list[str]) -> dict[str, object]:
 
 
 AUTO_SETTINGS = (
-    "COLD_START_POSITIVES", "EXPLORE_SHARE", "UNEXPLORED_SHARE", "CLASS_LIFT_SHARE", "UNCERTAIN_SHARE", "WARM_MAIN"
+    "COLD_START_POSITIVES", "EXPLORE_SHARE", "UNEXPLORED_SHARE", "CLASS_LIFT_SHARE", "UNCERTAIN_SHARE", "WARM_MAIN",
+    "NAME_PRIOR",
 )
 
 

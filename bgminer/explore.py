@@ -14,6 +14,8 @@ image id) and are mixed into the default strategy (:func:`bgminer.rank.make_stra
   ImageNet-probability space (Hellinger: cosine of square-root probabilities), visited
   round-robin so a mode with one found member is explored as fast as the seeds' mode.
 - :class:`ClassLift`: the probability mass on the ImageNet classes lifted among the positives.
+- :class:`NamePrior`: the probability mass on the ImageNet classes the category's *name* denotes
+  in WordNet ("bird": all 59 bird classes), used once the found positives confirm it.
 - :class:`RankFusion`: reciprocal-rank fusion of several rankers' orders.
 
 Each reads at most ``MAX_BACKGROUND`` rows to fit and streams the rest in chunks, so memory
@@ -31,6 +33,7 @@ import numpy as np
 
 from .probe import fit_logistic
 from .rank import RankContext, Strategy, _id_array, _top
+from .textsearch import ClassMatch, class_probability, name_classes
 
 CHUNK_ROWS = 32_768
 MAX_BACKGROUND = 5_000  # corpus rows sampled as background for the probe and the class lift
@@ -40,6 +43,8 @@ PROBE_ITERATIONS = 100  # L-BFGS steps: the ranking settles long before the loss
 LIFT_CLASSES = 10
 MIN_CLASS_MASS = 0.01  # a lifted class must hold this much of the positives' mean probability
 FUSION_K = 60  # reciprocal-rank fusion constant (Cormack et al., 2009)
+NAME_PRIOR_TRUSTED_BELOW = 10  # positives: fewer cannot tell a name that means the class from one that does not
+NAME_PRIOR_MIN_AUC = 0.6  # from then on the name's classes must rank the positives above the corpus this well
 
 
 class FeatureSource(Protocol):
@@ -156,6 +161,44 @@ class ClassLift(_FeatureRanker):
         return probs[:, self.classes] @ self.weights if len(self.classes) else np.zeros(len(ids), np.float32)
 
 
+class NamePrior(_FeatureRanker):
+    """The pretrained model's mass on the ImageNet classes the category's name denotes
+    (:func:`bgminer.textsearch.name_classes`): semantic in every style, and known before any
+    example of a second style is found. The person chose the name, so it is trusted while there
+    are fewer than ``NAME_PRIOR_TRUSTED_BELOW`` positives (five seeds of one style may score low
+    on it: emoji birds do, and the name still finds the drawn and photographed ones). From then on
+    the positives must outrank a background sample on it (AUC >= ``NAME_PRIOR_MIN_AUC``), so a name
+    that means something else than what is labeled stops steering the queue."""
+
+    label = "what the category's name means"
+
+    def classes(self, ctx: RankContext) -> tuple[ClassMatch, ...]:
+        return name_classes(ctx.category) if ctx.category else ()
+
+    def agreement(self, ctx: RankContext) -> float | None:
+        """AUC of the name's class mass: labeled positives against a background sample (None: cannot tell)."""
+        matches = self.classes(ctx)
+        if ctx.features is None or not matches or len(ctx.positive_ids) == 0:
+            return None
+        background = background_sample(ctx, 2_000)
+        if len(background) == 0:
+            return None
+        pos = class_probability(ctx.features.read("logits", ctx.positive_ids), list(matches))
+        bg = np.sort(class_probability(ctx.features.read("logits", background), list(matches)))
+        below = np.searchsorted(bg, pos, side="left") + np.searchsorted(bg, pos, side="right")
+        return float(below.mean() / (2 * len(bg)))
+
+    def can_run(self, ctx: RankContext) -> bool:
+        auc = self.agreement(ctx)
+        return auc is not None and (len(ctx.positive_ids) < NAME_PRIOR_TRUSTED_BELOW or auc >= NAME_PRIOR_MIN_AUC)
+
+    def prepare(self, ctx: RankContext) -> None:
+        self.matches = list(self.classes(ctx))
+
+    def scores(self, ctx: RankContext, ids: np.ndarray) -> np.ndarray:
+        return class_probability(ctx.features.read("logits", ids), self.matches)
+
+
 class SemanticNeighbours(_FeatureRanker):
     """Each positive's nearest available images in ImageNet-probability space, taken round-robin
     over the positives (the latest found first), so every mode found so far is explored."""
@@ -192,19 +235,26 @@ MAX_POSITIVES_EXPLORED = 256  # the newest positives whose neighbourhoods one qu
 
 
 class RankFusion(Strategy):
-    """Reciprocal-rank fusion: each id scores ``sum_i 1 / (FUSION_K + rank_i)`` over the parts' orders."""
+    """Reciprocal-rank fusion: each id scores ``sum_i w_i / (FUSION_K + rank_i)`` over the parts' orders
+    (``weights``: one per part, 1 each by default)."""
 
-    def __init__(self, parts: Sequence[Strategy], depth: int = 2_000, dedup_threshold: float | None = None):
+    def __init__(
+        self, parts: Sequence[Strategy], depth: int = 2_000, dedup_threshold: float | None = None,
+        weights: Sequence[float] | None = None,
+    ):
         super().__init__(dedup_threshold)
         self.parts, self.depth = list(parts), depth
+        self.weights = [1.0] * len(self.parts) if weights is None else [float(w) for w in weights]
+        if len(self.weights) != len(self.parts):
+            raise ValueError(f"{len(self.weights)} weights for {len(self.parts)} parts")
         self.label = " + ".join(p.label for p in self.parts)
 
     def rank(self, ctx: RankContext, limit: int) -> np.ndarray:
         depth = max(self.depth, limit)
         fused: dict[int, float] = {}
-        for part in self.parts:
+        for part, weight in zip(self.parts, self.weights, strict=True):
             for r, i in enumerate(part.rank(ctx, depth).tolist()):
-                fused[i] = fused.get(i, 0.0) + 1.0 / (FUSION_K + r + 1)
+                fused[i] = fused.get(i, 0.0) + weight / (FUSION_K + r + 1)
         if not fused:
             return _id_array()
         ids = np.fromiter(fused, np.int64, len(fused))

@@ -110,6 +110,7 @@ class Miner:
             validation_ids=self.project.validation_sample(self.category)["ids"] if self.strategy.uses_validation_sample else (),
             seed=self.seed,
             features=getattr(self.project, "features", None),
+            category=self.category,
         )
         chosen = self.strategy.query(ctx, n).tolist()
         paths = self.store.image_paths(chosen)

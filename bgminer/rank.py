@@ -44,6 +44,7 @@ class RankContext:
     validation_ids: np.ndarray = field(default_factory=_id_array)  # the estimator's importance sample, in draw order
     seed: int = 0
     features: Any = None  # pretrained feature rows by image id: ``read("pooled" | "logits", ids)`` (bgminer.explore)
+    category: str = ""  # the category's name (bgminer.explore.NamePrior reads what it means)
 
     def __post_init__(self) -> None:
         self.ids = _id_array(self.ids)

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from .explore import ClassLift, ProbeRanker, RankFusion, SemanticNeighbours, UnexploredClusters
+from .explore import ClassLift, NamePrior, ProbeRanker, RankFusion, SemanticNeighbours, UnexploredClusters
 from .rank import (
     CandidatePool,
     Mixture,
@@ -33,6 +33,7 @@ UNEXPLORED_SHARE = 0.0  # of each queue: central images of clusters that hold no
 CLASS_LIFT_SHARE = 0.0  # of each queue: mass on the ImageNet classes lifted among the positives (0.1 lost 2 points, C)
 UNCERTAIN_SHARE = 0.0  # of each queue, once a model exists: scores nearest the boundary
 WARM_MAIN = "fusion"  # with a model and enough positives: "fusion" (model + probe) or "model"
+NAME_PRIOR = 1.0  # weight of the category name's ImageNet classes in the main order's fusion (0: ignore names)
 
 
 class Auto(Strategy):
@@ -46,9 +47,14 @@ class Auto(Strategy):
 
     def choose(self, ctx: RankContext) -> Strategy:
         warm = ctx.scores is not None and len(ctx.positive_ids) >= COLD_START_POSITIVES
-        main: Strategy = ProbeRanker()
+        rankers: list[Strategy] = [ProbeRanker()]
         if warm:
-            main = RankFusion([MostLikely(None), ProbeRanker()]) if WARM_MAIN == "fusion" else MostLikely(None)
+            rankers = [MostLikely(None), ProbeRanker()] if WARM_MAIN == "fusion" else [MostLikely(None)]
+        weights = [1.0] * len(rankers)
+        if NAME_PRIOR > 0 and NamePrior().can_run(ctx):
+            rankers.append(NamePrior())
+            weights.append(NAME_PRIOR)
+        main = RankFusion(rankers, weights=weights) if len(rankers) > 1 else rankers[0]
         shares = [
             (SemanticNeighbours(), EXPLORE_SHARE),
             (UnexploredClusters(), UNEXPLORED_SHARE),
@@ -82,6 +88,7 @@ STRATEGIES: dict[str, Callable[[], Strategy]] = {
     "probe": ProbeRanker,
     "new-modes": SemanticNeighbours,
     "class-lift": ClassLift,
+    "name": NamePrior,
     "unexplored": UnexploredClusters,
     "random": RandomStrategy,
     "mixed": _mixed,

@@ -134,6 +134,19 @@ def match_classes(query: str, gloss_weight: float = 0.3) -> list[ClassMatch]:
     return [ClassMatch(i, table.names[i], w) for i, w in sorted(weights.items())]
 
 
+@lru_cache(maxsize=256)
+def name_classes(name: str) -> tuple[ClassMatch, ...]:
+    """The ImageNet classes a category's name denotes: the lemma matches of the whole name, else of
+    its words from the last (the head noun) back ("rare_bird" -> bird, "cat photos" -> cat).
+    Gloss-only matches are left out: a prior must mean what the name says. Empty when nothing matches."""
+    words = _words(name)
+    for query in dict.fromkeys((" ".join(words), *reversed(words))):
+        matches = tuple(m for m in match_classes(query) if m.weight >= 1.0)
+        if matches:
+            return matches
+    return ()
+
+
 def class_probability(logits: np.ndarray, matches: list[ClassMatch]) -> np.ndarray:
     """Weighted softmax mass on the matched classes, per row of ``logits`` [N, 1000]."""
     z = logits.astype(np.float32)

@@ -10,9 +10,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bgminer import strategies
+from bgminer import explore, strategies
 from bgminer.explore import (
     ClassLift,
+    NamePrior,
     ProbeRanker,
     RankFusion,
     SemanticNeighbours,
@@ -22,6 +23,7 @@ from bgminer.explore import (
 )
 from bgminer.probe import fit_logistic
 from bgminer.rank import MostLikely, RankContext
+from bgminer.textsearch import name_classes
 
 N, DIM = 480, 16
 
@@ -91,6 +93,56 @@ def test_hellinger_rows_are_unit_and_class_lift_finds_the_concepts_classes():
     got = ranker.rank(ctx_for(ids[cluster == 0][:3]), 60)
     assert set(ranker.classes.tolist()) <= set(range(5))
     assert np.isin(cluster[np.searchsorted(ids, got)], [0, 5]).all()
+
+
+def named_corpus():
+    """:func:`corpus` whose rare clusters (0 and the other style, 5) put their mass on real bird classes
+    and every other cluster on fish and on classes of its own that are no birds."""
+    ids, cluster, positive, features = corpus()
+    rng = np.random.default_rng(1)
+    logits = rng.standard_normal((N, 1000)).astype(np.float32)
+    birds = [m.index for m in name_classes("bird")]
+    fish = [m.index for m in name_classes("fish")]
+    others = [i for i in range(400, 1000) if i not in birds and i not in fish]
+    logits[np.ix_(positive, birds[:5])] += 6.0
+    logits[np.ix_(~positive, fish)] += 2.0
+    for c in (1, 2, 3, 4, 6, 7):
+        logits[np.ix_(cluster == c, others[5 * c : 5 * c + 5])] += 6.0
+    return ids, cluster, Features(ids, features.arrays["pooled"], logits.astype(np.float16))
+
+
+def test_name_prior_reaches_the_other_style_and_stops_where_the_positives_contradict_the_name():
+    ids, cluster, features = named_corpus()
+    seeds = ids[cluster == 0][:3]
+    ctx = RankContext(ids=ids, positive_ids=seeds, features=features, category="rare_bird")
+    ranker = NamePrior()
+    assert ranker.agreement(ctx) > 0.85 and ranker.can_run(ctx)  # at most ~0.875: a quarter of the corpus is rare
+    got = cluster[np.searchsorted(ids, ranker.rank(ctx, 100))]
+    assert np.isin(got, [0, 5]).all() and (got == 5).sum() >= 40  # the style no seed shows
+    # a name WordNet does not know is never used; none is confirmed before the first positive
+    for name in ("positive", ""):
+        assert not NamePrior().can_run(RankContext(ids=ids, positive_ids=seeds, features=features, category=name))
+    assert not NamePrior().can_run(RankContext(ids=ids, features=features, category="bird"))
+    # a name the positives contradict (their mass is on birds, the rest's on fish) is trusted only
+    # while there are too few positives to tell
+    many = ids[cluster == 0][: explore.NAME_PRIOR_TRUSTED_BELOW]
+    assert NamePrior().can_run(RankContext(ids=ids, positive_ids=seeds, features=features, category="fish"))
+    fish = RankContext(ids=ids, positive_ids=many, features=features, category="fish")
+    assert NamePrior().agreement(fish) < 0.2 and not NamePrior().can_run(fish)
+    assert NamePrior().can_run(RankContext(ids=ids, positive_ids=many, features=features, category="bird"))
+
+
+def test_auto_fuses_the_name_into_its_main_order_only_where_it_is_confirmed(monkeypatch):
+    ids, cluster, features = named_corpus()
+    seeds = ids[cluster == 0][: explore.NAME_PRIOR_TRUSTED_BELOW]
+    auto = strategies.make_strategy("auto")
+    auto.query(RankContext(ids=ids, positive_ids=seeds, features=features, category="bird"), 20)
+    assert any("what the category's name means" in part for part in auto.shares())
+    auto.query(RankContext(ids=ids, positive_ids=seeds, features=features, category="fish"), 20)
+    assert not any("name" in part for part in auto.shares())
+    monkeypatch.setattr(strategies, "NAME_PRIOR", 0)
+    auto.query(RankContext(ids=ids, positive_ids=seeds, features=features, category="bird"), 20)
+    assert not any("name" in part for part in auto.shares())
 
 
 def test_unexplored_clusters_stay_away_from_the_positives_clusters():

@@ -194,7 +194,7 @@ def test_validate_returns_the_samples_unlabeled_ids_in_draw_order_once_each():
 
 def test_registry_names_and_unknown_names():
     assert set(STRATEGIES) == {
-        "auto", "most-likely", "uncertain", "near-positives", "probe", "new-modes", "class-lift", "unexplored", "random",
+        "auto", "most-likely", "uncertain", "near-positives", "probe", "new-modes", "class-lift", "name", "unexplored", "random",
         "mixed", "validate",
     }
     assert isinstance(make_strategy("mixed"), Mixture)

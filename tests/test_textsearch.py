@@ -170,3 +170,13 @@ def test_class_probability_is_the_weighted_softmax_mass_on_the_matched_classes()
     logits = np.log(np.array([[0.5, 0.3, 0.2], [0.1, 0.1, 0.8]], dtype=np.float32)) + 7.0  # a shift changes nothing
     matches = [ClassMatch(0, "a", 1.0), ClassMatch(2, "c", 0.5)]
     assert class_probability(logits, matches) == pytest.approx([0.5 + 0.5 * 0.2, 0.1 + 0.5 * 0.8], abs=1e-6)
+
+
+def test_a_category_name_means_its_wordnet_classes_or_its_head_noun_or_nothing():
+    from bgminer.textsearch import name_classes
+
+    birds = {m.index for m in name_classes("bird")}
+    assert len(birds) > 50 and {m.index for m in name_classes("rare_bird")} == birds  # the head noun
+    assert {m.name for m in name_classes("cat photos")} >= {"tabby", "siamese cat"}  # back from the last word
+    assert name_classes("positive") == () and name_classes("") == () and name_classes("class 1") == ()
+    assert all(m.weight == 1.0 for m in name_classes("footwear"))  # no gloss-only guesses
