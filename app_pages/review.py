@@ -207,7 +207,8 @@ if model is None and counts["positive"] == 0:
     st.stop()
 if model is None:
     st.info(
-        "No model yet: candidates are the images nearest to your seeds. Train one for a real ranking.",
+        "No model yet: candidates come from the pretrained features alone (like your seeds, or what the "
+        "category's name means). Train one for the background-splitting ranking.",
         icon=":material/model_training:",
     )
 

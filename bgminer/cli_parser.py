@@ -122,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--category", required=True)
     p.add_argument("--strategy", default="auto",
                    help="auto (the default: the benchmark-chosen mix), most-likely, uncertain, near-positives, probe, "
-                        "new-modes, class-lift, random, mixed or validate (the estimator's sample)")
+                        "new-modes, class-lift, name (the ImageNet classes the category's name means), unexplored, random, "
+                        "mixed or validate (the estimator's sample)")
     p.add_argument("--limit", type=int, default=20)
     p.add_argument("--author", default=None, help="whose queue: leaves out their skips (default: the OS user)")
     p.add_argument("--pool-neighbors", type=int, default=None, metavar="K",

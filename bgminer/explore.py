@@ -43,6 +43,7 @@ PROBE_ITERATIONS = 100  # L-BFGS steps: the ranking settles long before the loss
 LIFT_CLASSES = 10
 MIN_CLASS_MASS = 0.01  # a lifted class must hold this much of the positives' mean probability
 FUSION_K = 60  # reciprocal-rank fusion constant (Cormack et al., 2009)
+NAME_PRIOR_MIN_REJECTED = 10  # negatives from which the positives must outscore them on the name's classes
 NAME_PRIOR_TRUSTED_BELOW = 10  # positives: fewer cannot tell a name that means the class from one that does not
 NAME_PRIOR_MIN_AUC = 0.6  # from then on the name's classes must rank the positives above the corpus this well
 
@@ -164,33 +165,45 @@ class ClassLift(_FeatureRanker):
 class NamePrior(_FeatureRanker):
     """The pretrained model's mass on the ImageNet classes the category's name denotes
     (:func:`bgminer.textsearch.name_classes`): semantic in every style, and known before any
-    example of a second style is found. The person chose the name, so it is trusted while there
-    are fewer than ``NAME_PRIOR_TRUSTED_BELOW`` positives (five seeds of one style may score low
-    on it: emoji birds do, and the name still finds the drawn and photographed ones). From then on
-    the positives must outrank a background sample on it (AUC >= ``NAME_PRIOR_MIN_AUC``), so a name
-    that means something else than what is labeled stops steering the queue."""
+    example of a second style is found.
+
+    Used only while the labels agree with the name (:meth:`can_run`):
+
+    - the positives score above the images rejected so far (AUC >= 0.5, once there are
+      ``NAME_PRIOR_MIN_REJECTED``): a name that means something else ("fruit" for birds) fills the
+      first page with its own meaning, which the person rejects, and is dropped after one round;
+    - from ``NAME_PRIOR_TRUSTED_BELOW`` positives on, they also outrank a sample of the corpus on it
+      (AUC >= ``NAME_PRIOR_MIN_AUC``). Fewer positives cannot tell: five seeds of one style may
+      score low on the name (emoji birds do) while it still finds the drawn and photographed ones.
+    """
 
     label = "what the category's name means"
 
     def classes(self, ctx: RankContext) -> tuple[ClassMatch, ...]:
         return name_classes(ctx.category) if ctx.category else ()
 
-    def agreement(self, ctx: RankContext) -> float | None:
-        """AUC of the name's class mass: labeled positives against a background sample (None: cannot tell)."""
-        matches = self.classes(ctx)
-        if ctx.features is None or not matches or len(ctx.positive_ids) == 0:
+    def _mass(self, ctx: RankContext, ids: np.ndarray) -> np.ndarray:
+        return class_probability(ctx.features.read("logits", ids), list(self.classes(ctx)))
+
+    def agreement(self, ctx: RankContext, against: str = "corpus") -> float | None:
+        """AUC of the name's class mass: the labeled positives against a sample of the corpus
+        (``against="corpus"``) or against the labeled negatives ("rejected"); None: cannot tell."""
+        if ctx.features is None or not self.classes(ctx) or len(ctx.positive_ids) == 0:
             return None
-        background = background_sample(ctx, 2_000)
-        if len(background) == 0:
+        others = background_sample(ctx, 2_000) if against == "corpus" else ctx.negative_ids
+        if len(others) == 0:
             return None
-        pos = class_probability(ctx.features.read("logits", ctx.positive_ids), list(matches))
-        bg = np.sort(class_probability(ctx.features.read("logits", background), list(matches)))
-        below = np.searchsorted(bg, pos, side="left") + np.searchsorted(bg, pos, side="right")
-        return float(below.mean() / (2 * len(bg)))
+        pos, other = self._mass(ctx, ctx.positive_ids), np.sort(self._mass(ctx, others))
+        below = np.searchsorted(other, pos, side="left") + np.searchsorted(other, pos, side="right")
+        return float(below.mean() / (2 * len(other)))
 
     def can_run(self, ctx: RankContext) -> bool:
-        auc = self.agreement(ctx)
-        return auc is not None and (len(ctx.positive_ids) < NAME_PRIOR_TRUSTED_BELOW or auc >= NAME_PRIOR_MIN_AUC)
+        corpus = self.agreement(ctx)
+        if corpus is None:
+            return False
+        if len(ctx.negative_ids) >= NAME_PRIOR_MIN_REJECTED and self.agreement(ctx, "rejected") < 0.5:
+            return False
+        return len(ctx.positive_ids) < NAME_PRIOR_TRUSTED_BELOW or corpus >= NAME_PRIOR_MIN_AUC
 
     def prepare(self, ctx: RankContext) -> None:
         self.matches = list(self.classes(ctx))

@@ -124,9 +124,13 @@ def test_name_prior_reaches_the_other_style_and_stops_where_the_positives_contra
         assert not NamePrior().can_run(RankContext(ids=ids, positive_ids=seeds, features=features, category=name))
     assert not NamePrior().can_run(RankContext(ids=ids, features=features, category="bird"))
     # a name the positives contradict (their mass is on birds, the rest's on fish) is trusted only
-    # while there are too few positives to tell
+    # while there are too few labels to tell: until its own picks are rejected, or from 10 positives
     many = ids[cluster == 0][: explore.NAME_PRIOR_TRUSTED_BELOW]
     assert NamePrior().can_run(RankContext(ids=ids, positive_ids=seeds, features=features, category="fish"))
+    rejected = ids[cluster == 1][: explore.NAME_PRIOR_MIN_REJECTED]
+    for name, used in (("fish", False), ("bird", True)):
+        after_a_round = RankContext(ids=ids, positive_ids=seeds, negative_ids=rejected, features=features, category=name)
+        assert NamePrior().can_run(after_a_round) is used
     fish = RankContext(ids=ids, positive_ids=many, features=features, category="fish")
     assert NamePrior().agreement(fish) < 0.2 and not NamePrior().can_run(fish)
     assert NamePrior().can_run(RankContext(ids=ids, positive_ids=many, features=features, category="bird"))
