@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--auto", action="append", default=[], metavar="NAME=VALUE",
                         help="try another setting of the default strategy (a constant of bgminer.strategies)")
     parser.add_argument("--names", choices=["concept", "wrong"], default="concept",
-                        help="the category's name: the concept's word (bird), or the next concept's, to measure a misleading name")
+                        help="the category's name: the concept's word (bird), or the next concept's (a misleading name)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)

@@ -60,11 +60,12 @@ def chunked(ids: np.ndarray, rows: int = CHUNK_ROWS) -> Iterator[np.ndarray]:
 
 
 def hellinger(logits: np.ndarray) -> np.ndarray:
-    """Square roots of the softmax probabilities: unit rows whose dot product is the Bhattacharyya coefficient."""
-    x = np.asarray(logits, dtype=np.float32)
-    x = np.exp(x - x.max(axis=1, keepdims=True))
-    x /= x.sum(axis=1, keepdims=True)
-    return np.sqrt(x)
+    """Square roots of the softmax probabilities: unit rows whose dot product is the Bhattacharyya
+    coefficient. Torch's softmax (multi-threaded): this runs over every scanned row of a query."""
+    import torch
+
+    with torch.inference_mode():
+        return torch.softmax(torch.from_numpy(np.asarray(logits)).float(), dim=1).sqrt_().numpy()
 
 
 def scan_pool(ctx: RankContext, rows: int | None = None) -> np.ndarray:
@@ -120,9 +121,24 @@ class _FeatureRanker(Strategy):
 
 
 class ProbeRanker(_FeatureRanker):
-    """Logistic regression on pretrained pooled features: positives vs. negatives and background."""
+    """Logistic regression on pretrained features: positives vs. negatives and background.
+
+    ``space="pooled"``: the trunk's pooled features (style and content); ``"semantic"``: the
+    square-root ImageNet probabilities (:func:`hellinger`), which a drawn and a photographed
+    bird share more than their pooled features."""
 
     label = "few-shot probe"
+
+    def __init__(self, space: str = "pooled", dedup_threshold: float | None = None):
+        super().__init__(dedup_threshold)
+        if space not in ("pooled", "semantic"):
+            raise ValueError(f"unknown probe space {space!r}: pooled or semantic")
+        self.space = space
+        if space == "semantic":
+            self.label = "few-shot probe on ImageNet classes"
+
+    def _x(self, ctx: RankContext, ids: np.ndarray) -> np.ndarray:
+        return ctx.features.read("pooled", ids) if self.space == "pooled" else hellinger(ctx.features.read("logits", ids))
 
     def prepare(self, ctx: RankContext) -> None:
         background = background_sample(ctx)
@@ -132,10 +148,10 @@ class ProbeRanker(_FeatureRanker):
         # the sample stands in for the whole unlabeled corpus
         unlabeled = len(ctx.ids) - len(np.union1d(ctx.positive_ids, ctx.negative_ids))
         weight = np.where(np.isin(ids, background), max(1.0, unlabeled / max(len(background), 1)), 1.0)
-        self.probe = fit_logistic(ctx.features.read("pooled", ids), y, c=PROBE_C, weight=weight, max_iter=PROBE_ITERATIONS)
+        self.probe = fit_logistic(self._x(ctx, ids), y, c=PROBE_C, weight=weight, max_iter=PROBE_ITERATIONS)
 
     def scores(self, ctx: RankContext, ids: np.ndarray) -> np.ndarray:
-        return self.probe(ctx.features.read("pooled", ids))
+        return self.probe(self._x(ctx, ids))
 
 
 class ClassLift(_FeatureRanker):
@@ -265,13 +281,23 @@ class RankFusion(Strategy):
     def rank(self, ctx: RankContext, limit: int) -> np.ndarray:
         depth = max(self.depth, limit)
         fused: dict[int, float] = {}
+        lead: dict[int, tuple[float, str]] = {}  # the part that gave each id its largest share
         for part, weight in zip(self.parts, self.weights, strict=True):
             for r, i in enumerate(part.rank(ctx, depth).tolist()):
-                fused[i] = fused.get(i, 0.0) + weight / (FUSION_K + r + 1)
+                share = weight / (FUSION_K + r + 1)
+                fused[i] = fused.get(i, 0.0) + share
+                if share > lead.get(i, (0.0, ""))[0]:
+                    lead[i] = (share, part.label)
+        self.lead = {i: label for i, (_, label) in lead.items()}
         if not fused:
             return _id_array()
         ids = np.fromiter(fused, np.int64, len(fused))
         return _top(ids, np.fromiter(fused.values(), np.float64, len(fused)), limit)
+
+    def reasons(self, ids: Sequence[int]) -> list[str]:
+        """The part that ranked each id highest (every part's vote counts; this one counted most)."""
+        lead = getattr(self, "lead", {})
+        return [lead.get(int(i), self.label) for i in ids]
 
 
 CLUSTERS = 64

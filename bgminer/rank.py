@@ -295,7 +295,7 @@ class Mixture(Strategy):
         self.picked_by: dict[int, int] = {}  # id -> index of the part that chose it, in the latest rank
 
     def reasons(self, ids: Sequence[int]) -> list[str]:
-        return [self.parts[self.picked_by[i]][0].label if i in self.picked_by else self.label for i in map(int, ids)]
+        return [self.parts[self.picked_by[i]][0].reasons([i])[0] if i in self.picked_by else self.label for i in map(int, ids)]
 
     def shares(self) -> dict[str, float]:
         total = sum(w for _, w in self.parts)

@@ -1,11 +1,19 @@
 """The named review strategies, and the default one.
 
 ``auto`` (the default of the Review page, the CLI and :class:`bgminer.loop.Miner`) is chosen
-by the multi-style benchmark (``bench/multimode.py``, protocol C; ``docs/quality.md``): while a
-category has fewer than ``COLD_START_POSITIVES`` positives or no model it ranks with the
-pretrained features alone; afterwards the trained model's order is fused with them. A share of
-every queue explores the neighbourhoods of every positive found so far, so a second style of
-the class, once one member is found, is followed up at once.
+by the multi-style benchmark (``bench/multimode.py``, protocol C; ``docs/quality.md``). Its main
+order is a reciprocal-rank fusion of rankers over the pretrained features, joined by the
+trained model once a category has ``COLD_START_POSITIVES`` positives and a model:
+
+- the few-shot probe on the pooled features (what the positives look like);
+- what the category's *name* means in WordNet, while the labels agree with it
+  (:class:`bgminer.explore.NamePrior`: "bird" finds drawn, photographed and emoji birds);
+- optionally (``SEMANTIC_PROBE``) the probe on the ImageNet probabilities.
+
+A share of every page (``EXPLORE_SHARE``) explores the ImageNet-probability neighbourhoods of
+every positive found so far, so a second style, once one member is found, is followed up at
+once. The other shares (clusters no positive has reached, classes lifted among the positives,
+the model's boundary) gained nothing on the benchmark and stay at 0.
 """
 
 from __future__ import annotations
@@ -28,11 +36,12 @@ from .rank import (
 )
 
 COLD_START_POSITIVES = 20  # below this, the pretrained-feature rankers alone (5 and 40 did no better: docs/quality.md)
-EXPLORE_SHARE = 0.1  # of each queue: neighbourhoods of every found positive, any style (protocols B, C)
+EXPLORE_SHARE = 0.1  # of each queue: neighbourhoods of every found positive, any style (0 lost at 0.1%: docs/quality.md)
 UNEXPLORED_SHARE = 0.0  # of each queue: central images of clusters that hold no positive
 CLASS_LIFT_SHARE = 0.0  # of each queue: mass on the ImageNet classes lifted among the positives (0.1 lost 2 points, C)
 UNCERTAIN_SHARE = 0.0  # of each queue, once a model exists: scores nearest the boundary
 WARM_MAIN = "fusion"  # with a model and enough positives: "fusion" (model + probe) or "model"
+SEMANTIC_PROBE = 0  # also fuse a probe on the ImageNet probabilities (with explore 0: +2 points at 0.5%, lost at 0.1%)
 NAME_PRIOR = 1.0  # weight of the category name's ImageNet classes in the main order's fusion (0: ignore names)
 
 
@@ -50,6 +59,8 @@ class Auto(Strategy):
         rankers: list[Strategy] = [ProbeRanker()]
         if warm:
             rankers = [MostLikely(None), ProbeRanker()] if WARM_MAIN == "fusion" else [MostLikely(None)]
+        if SEMANTIC_PROBE:
+            rankers.append(ProbeRanker("semantic"))
         weights = [1.0] * len(rankers)
         if NAME_PRIOR > 0 and NamePrior().can_run(ctx):
             rankers.append(NamePrior())

@@ -148,11 +148,13 @@ def name_classes(name: str) -> tuple[ClassMatch, ...]:
 
 
 def class_probability(logits: np.ndarray, matches: list[ClassMatch]) -> np.ndarray:
-    """Weighted softmax mass on the matched classes, per row of ``logits`` [N, 1000]."""
-    z = logits.astype(np.float32)
-    z -= z.max(axis=1, keepdims=True)
-    p = np.exp(z)
-    p /= p.sum(axis=1, keepdims=True)
-    idx = np.array([m.index for m in matches], dtype=np.int64)
-    w = np.array([m.weight for m in matches], dtype=np.float32)
-    return p[:, idx] @ w
+    """Weighted softmax mass on the matched classes, per row of ``logits`` [N, 1000].
+
+    Torch's softmax (multi-threaded): this runs over every scanned row of a review query."""
+    import torch
+
+    idx = torch.tensor([m.index for m in matches], dtype=torch.int64)
+    w = torch.tensor([m.weight for m in matches], dtype=torch.float32)
+    with torch.inference_mode():
+        p = torch.softmax(torch.from_numpy(np.asarray(logits)).float(), dim=1)
+        return (p[:, idx] @ w).numpy()

@@ -161,8 +161,15 @@ def test_fusion_keeps_what_both_parts_agree_on():
     ids, cluster, _, _ = corpus()
     scores = np.where(cluster == 0, 0.9, 0.1).astype(np.float32)
     ctx = ctx_for(ids[cluster == 0][:3], scores=scores)
-    got = RankFusion([MostLikely(None), ProbeRanker()]).rank(ctx, 20)
+    fusion = RankFusion([MostLikely(None), ProbeRanker()])
+    got = fusion.rank(ctx, 20)
     assert (cluster[np.searchsorted(ids, got)] == 0).all()
+    # each id is explained by the part that ranked it highest; a heavier weight leads more often
+    assert set(fusion.reasons(got)) <= {MostLikely(None).label, ProbeRanker().label}
+    heavy = RankFusion([MostLikely(None), ProbeRanker()], weights=[1.0, 5.0])
+    assert heavy.reasons(heavy.rank(ctx, 20)) == [ProbeRanker().label] * 20
+    with pytest.raises(ValueError, match="weights"):
+        RankFusion([MostLikely(None)], weights=[1.0, 2.0])
 
 
 def test_auto_is_cold_then_warm_and_says_why(monkeypatch):
@@ -174,6 +181,12 @@ def test_auto_is_cold_then_warm_and_says_why(monkeypatch):
     reasons = auto.reasons(got)
     assert "few-shot probe" in reasons and "like a found positive, any style" in reasons
     assert abs(sum(auto.shares().values()) - 1) < 1e-9
+    # the semantic probe joins the fused order; each image is explained by the ranker that put it highest
+    monkeypatch.setattr(strategies, "SEMANTIC_PROBE", 1)
+    monkeypatch.setattr(strategies, "EXPLORE_SHARE", 0.0)
+    got = auto.query(cold, 20)
+    assert set(auto.reasons(got)) <= {"few-shot probe", "few-shot probe on ImageNet classes"}
+    assert list(auto.shares()) == ["few-shot probe + few-shot probe on ImageNet classes"]
     monkeypatch.setattr(strategies, "COLD_START_POSITIVES", 2)
     warm = ctx_for(ids[cluster == 0][:3], scores=np.where(cluster == 0, 0.8, 0.2).astype(np.float32))
     auto.query(warm, 20)
