@@ -26,6 +26,7 @@ in ``docs/benchmarks.md``.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator, Sequence
 from typing import Protocol
 
@@ -199,7 +200,19 @@ class NamePrior(_FeatureRanker):
         return name_classes(ctx.category) if ctx.category else ()
 
     def _mass(self, ctx: RankContext, ids: np.ndarray) -> np.ndarray:
-        return class_probability(ctx.features.read("logits", ids), list(self.classes(ctx)))
+        """The name's mass per id, computed once per image and name for the life of ``ctx.features``
+        (a reviewer's next page reads it from memory, not from every scanned row's logits again)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        memo = name_mass_memo(ctx.features, ctx.category)
+        if len(ids) and ids.max() >= len(memo.mass):
+            grown = np.full(max(int(ids.max()) + 1, 2 * len(memo.mass)), np.nan, np.float32)
+            grown[: len(memo.mass)] = memo.mass
+            memo.mass = grown
+        mass = memo.mass
+        missing = ids[np.isnan(mass[ids])]
+        if len(missing):
+            mass[missing] = class_probability(ctx.features.read("logits", missing), list(self.classes(ctx)))
+        return mass[ids]
 
     def agreement(self, ctx: RankContext, against: str = "corpus") -> float | None:
         """AUC of the name's class mass: the labeled positives against a sample of the corpus
@@ -221,11 +234,32 @@ class NamePrior(_FeatureRanker):
             return False
         return len(ctx.positive_ids) < NAME_PRIOR_TRUSTED_BELOW or corpus >= NAME_PRIOR_MIN_AUC
 
-    def prepare(self, ctx: RankContext) -> None:
-        self.matches = list(self.classes(ctx))
-
     def scores(self, ctx: RankContext, ids: np.ndarray) -> np.ndarray:
-        return class_probability(ctx.features.read("logits", ids), self.matches)
+        return self._mass(ctx, ids)
+
+
+class _NameMass:
+    """One name's mass per image id (NaN: not computed yet), tied to one feature source."""
+
+    def __init__(self, features: object):
+        self.features = weakref.ref(features)
+        self.mass = np.zeros(0, np.float32)
+
+
+_NAME_MEMOS: dict[tuple[int, str], _NameMass] = {}
+NAME_MEMOS_KEPT = 8  # (feature source, name) pairs remembered per process: 4 bytes per image id each
+
+
+def name_mass_memo(features: object, name: str) -> _NameMass:
+    """The memo of ``name``'s mass over ``features`` (a project's feature cache lives as long as its
+    project; image ids are never reused, and an image's logits never change)."""
+    key = (id(features), name)
+    memo = _NAME_MEMOS.get(key)
+    if memo is None or memo.features() is not features:
+        memo = _NAME_MEMOS[key] = _NameMass(features)
+        while len(_NAME_MEMOS) > NAME_MEMOS_KEPT:
+            _NAME_MEMOS.pop(next(iter(_NAME_MEMOS)))
+    return memo
 
 
 class SemanticNeighbours(_FeatureRanker):

@@ -136,6 +136,20 @@ def test_name_prior_reaches_the_other_style_and_stops_where_the_positives_contra
     assert NamePrior().can_run(RankContext(ids=ids, positive_ids=many, features=features, category="bird"))
 
 
+def test_the_names_mass_is_computed_once_per_image_while_its_feature_source_lives():
+    ids, cluster, features = named_corpus()
+    reads = []
+    features.read = lambda name, rows, read=features.read: (reads.append((name, len(rows))), read(name, rows))[1]
+    ctx = RankContext(ids=ids, positive_ids=ids[cluster == 0][:3], features=features, category="bird")
+    first = NamePrior().rank(ctx, 50)
+    scanned = sum(n for name, n in reads if name == "logits")
+    reads.clear()
+    assert np.array_equal(NamePrior().rank(ctx, 50), first)  # the next page: same order ...
+    assert sum(n for name, n in reads if name == "logits") < scanned / 4  # ... without rescanning every row
+    other = named_corpus()[2]  # another source (a new project) starts afresh, with its own values
+    assert explore.name_mass_memo(other, "bird") is not explore.name_mass_memo(features, "bird")
+
+
 def test_auto_fuses_the_name_into_its_main_order_only_where_it_is_confirmed(monkeypatch):
     ids, cluster, features = named_corpus()
     seeds = ids[cluster == 0][: explore.NAME_PRIOR_TRUSTED_BELOW]
