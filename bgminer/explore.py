@@ -34,7 +34,7 @@ import numpy as np
 
 from .probe import fit_logistic
 from .rank import RankContext, Strategy, _id_array, _top
-from .textsearch import ClassMatch, class_probability, name_classes
+from .textsearch import ClassMatch, class_probability, name_classes, softmax
 
 CHUNK_ROWS = 32_768
 MAX_BACKGROUND = 5_000  # corpus rows sampled as background for the probe and the class lift
@@ -61,12 +61,9 @@ def chunked(ids: np.ndarray, rows: int = CHUNK_ROWS) -> Iterator[np.ndarray]:
 
 
 def hellinger(logits: np.ndarray) -> np.ndarray:
-    """Square roots of the softmax probabilities: unit rows whose dot product is the Bhattacharyya
-    coefficient. Torch's softmax (multi-threaded): this runs over every scanned row of a query."""
-    import torch
-
-    with torch.inference_mode():
-        return torch.softmax(torch.from_numpy(np.asarray(logits)).float(), dim=1).sqrt_().numpy()
+    """Square roots of the softmax probabilities: unit rows whose dot product is the Bhattacharyya coefficient."""
+    p = softmax(logits)
+    return np.sqrt(p, out=p)
 
 
 def scan_pool(ctx: RankContext, rows: int | None = None) -> np.ndarray:
@@ -162,11 +159,11 @@ class ClassLift(_FeatureRanker):
     label = "ImageNet classes of the positives"
 
     def prepare(self, ctx: RankContext) -> None:
-        positive = hellinger(ctx.features.read("logits", ctx.positive_ids)) ** 2
+        positive = softmax(ctx.features.read("logits", ctx.positive_ids))
         corpus = np.zeros(positive.shape[1], np.float64)
         background = background_sample(ctx)
         for chunk in chunked(background):
-            corpus += (hellinger(ctx.features.read("logits", chunk)) ** 2).sum(axis=0)
+            corpus += softmax(ctx.features.read("logits", chunk)).sum(axis=0)
         corpus /= max(len(background), 1)
         p = positive.mean(axis=0)
         lift = np.log((p + 1e-4) / (corpus + 1e-4))
@@ -175,7 +172,7 @@ class ClassLift(_FeatureRanker):
         self.classes, self.weights = classes, lift[classes].astype(np.float32)
 
     def scores(self, ctx: RankContext, ids: np.ndarray) -> np.ndarray:
-        probs = hellinger(ctx.features.read("logits", ids)) ** 2
+        probs = softmax(ctx.features.read("logits", ids))
         return probs[:, self.classes] @ self.weights if len(self.classes) else np.zeros(len(ids), np.float32)
 
 
@@ -227,6 +224,15 @@ class NamePrior(_FeatureRanker):
         return float(below.mean() / (2 * len(other)))
 
     def can_run(self, ctx: RankContext) -> bool:
+        """Whether the labels agree with the name; decided once per context (``Auto`` asks before
+        fusing this ranker, and :meth:`rank` asks again on the same context)."""
+        checked = getattr(self, "_checked", None)
+        if checked is not None and checked[0] is ctx:
+            return checked[1]
+        self._checked = (ctx, self._agrees(ctx))
+        return self._checked[1]
+
+    def _agrees(self, ctx: RankContext) -> bool:
         corpus = self.agreement(ctx)
         if corpus is None:
             return False

@@ -62,8 +62,9 @@ class Auto(Strategy):
         if SEMANTIC_PROBE:
             rankers.append(ProbeRanker("semantic"))
         weights = [1.0] * len(rankers)
-        if NAME_PRIOR > 0 and NamePrior().can_run(ctx):
-            rankers.append(NamePrior())
+        prior = NamePrior()
+        if NAME_PRIOR > 0 and prior.can_run(ctx):
+            rankers.append(prior)
             weights.append(NAME_PRIOR)
         main = RankFusion(rankers, weights=weights) if len(rankers) > 1 else rankers[0]
         shares = [

@@ -147,14 +147,17 @@ def name_classes(name: str) -> tuple[ClassMatch, ...]:
     return ()
 
 
-def class_probability(logits: np.ndarray, matches: list[ClassMatch]) -> np.ndarray:
-    """Weighted softmax mass on the matched classes, per row of ``logits`` [N, 1000].
-
-    Torch's softmax (multi-threaded): this runs over every scanned row of a review query."""
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax of ``logits`` [N, 1000] as float32, in torch (multi-threaded): review queries
+    run it over every scanned row (here, and in :func:`bgminer.explore.hellinger`)."""
     import torch
 
-    idx = torch.tensor([m.index for m in matches], dtype=torch.int64)
-    w = torch.tensor([m.weight for m in matches], dtype=torch.float32)
     with torch.inference_mode():
-        p = torch.softmax(torch.from_numpy(np.asarray(logits)).float(), dim=1)
-        return (p[:, idx] @ w).numpy()
+        return torch.softmax(torch.from_numpy(np.asarray(logits)).float(), dim=1).numpy()
+
+
+def class_probability(logits: np.ndarray, matches: list[ClassMatch]) -> np.ndarray:
+    """Weighted softmax mass on the matched classes, per row of ``logits`` [N, 1000]."""
+    idx = np.array([m.index for m in matches], dtype=np.int64)
+    w = np.array([m.weight for m in matches], dtype=np.float32)
+    return softmax(logits)[:, idx] @ w
