@@ -658,7 +658,7 @@ def parse_overrides(pairs: list[str]) -> dict[str, object]:
 
 AUTO_SETTINGS = (
     "COLD_START_POSITIVES", "EXPLORE_SHARE", "UNEXPLORED_SHARE", "CLASS_LIFT_SHARE", "UNCERTAIN_SHARE", "WARM_MAIN",
-    "NAME_PRIOR", "SEMANTIC_PROBE",
+    "NAME_PRIOR", "SEMANTIC_PROBE_FROM", "EXPLORE_BELOW",
 )
 
 

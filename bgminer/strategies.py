@@ -8,12 +8,15 @@ trained model once a category has ``COLD_START_POSITIVES`` positives and a model
 - the few-shot probe on the pooled features (what the positives look like);
 - what the category's *name* means in WordNet, while the labels agree with it
   (:class:`bgminer.explore.NamePrior`: "bird" finds drawn, photographed and emoji birds);
-- optionally (``SEMANTIC_PROBE``) the probe on the ImageNet probabilities.
+- from ``SEMANTIC_PROBE_FROM`` positives on, the probe on the ImageNet probabilities, which a
+  drawn and a photographed bird share (fewer positives overfit it: it lost at 0.1%).
 
-A share of every page (``EXPLORE_SHARE``) explores the ImageNet-probability neighbourhoods of
-every positive found so far, so a second style, once one member is found, is followed up at
-once. The other shares (clusters no positive has reached, classes lifted among the positives,
-the model's boundary) gained nothing on the benchmark and stay at 0.
+While a category has fewer than ``EXPLORE_BELOW`` positives, a share of every page
+(``EXPLORE_SHARE``) explores the ImageNet-probability neighbourhoods of every positive found so
+far, so a second style, once one member is found, is followed up at once; from then on the
+semantic probe, fitted on every style found, does that job inside the main order. The other
+shares (clusters no positive has reached, classes lifted among the positives, the model's
+boundary) gained nothing on the benchmark and stay at 0.
 """
 
 from __future__ import annotations
@@ -37,11 +40,12 @@ from .rank import (
 
 COLD_START_POSITIVES = 20  # below this, the pretrained-feature rankers alone (5 and 40 did no better: docs/quality.md)
 EXPLORE_SHARE = 0.1  # of each queue: neighbourhoods of every found positive, any style (0 lost at 0.1%: docs/quality.md)
+EXPLORE_BELOW: int | None = 10  # the explore share applies below this many positives (None: always; docs/quality.md)
 UNEXPLORED_SHARE = 0.0  # of each queue: central images of clusters that hold no positive
 CLASS_LIFT_SHARE = 0.0  # of each queue: mass on the ImageNet classes lifted among the positives (0.1 lost 2 points, C)
 UNCERTAIN_SHARE = 0.0  # of each queue, once a model exists: scores nearest the boundary
 WARM_MAIN = "fusion"  # with a model and enough positives: "fusion" (model + probe) or "model"
-SEMANTIC_PROBE = 0  # also fuse a probe on the ImageNet probabilities (with explore 0: +2 points at 0.5%, lost at 0.1%)
+SEMANTIC_PROBE_FROM: int | None = 10  # from this many positives, also fuse a probe on the ImageNet probabilities (None: never)
 NAME_PRIOR = 1.0  # weight of the category name's ImageNet classes in the main order's fusion (0: ignore names)
 
 
@@ -55,11 +59,12 @@ class Auto(Strategy):
         self.current: Strategy = Mixture([(ProbeRanker(), 1.0)])
 
     def choose(self, ctx: RankContext) -> Strategy:
-        warm = ctx.scores is not None and len(ctx.positive_ids) >= COLD_START_POSITIVES
+        positives = len(ctx.positive_ids)
+        warm = ctx.scores is not None and positives >= COLD_START_POSITIVES
         rankers: list[Strategy] = [ProbeRanker()]
         if warm:
             rankers = [MostLikely(None), ProbeRanker()] if WARM_MAIN == "fusion" else [MostLikely(None)]
-        if SEMANTIC_PROBE:
+        if SEMANTIC_PROBE_FROM is not None and positives >= SEMANTIC_PROBE_FROM:
             rankers.append(ProbeRanker("semantic"))
         weights = [1.0] * len(rankers)
         prior = NamePrior()
@@ -67,8 +72,9 @@ class Auto(Strategy):
             rankers.append(prior)
             weights.append(NAME_PRIOR)
         main = RankFusion(rankers, weights=weights) if len(rankers) > 1 else rankers[0]
+        explore = EXPLORE_SHARE if EXPLORE_BELOW is None or positives < EXPLORE_BELOW else 0.0
         shares = [
-            (SemanticNeighbours(), EXPLORE_SHARE),
+            (SemanticNeighbours(), explore),
             (UnexploredClusters(), UNEXPLORED_SHARE),
             (ClassLift(), CLASS_LIFT_SHARE),
         ]

@@ -196,11 +196,20 @@ def test_auto_is_cold_then_warm_and_says_why(monkeypatch):
     assert "few-shot probe" in reasons and "like a found positive, any style" in reasons
     assert abs(sum(auto.shares().values()) - 1) < 1e-9
     # the semantic probe joins the fused order; each image is explained by the ranker that put it highest
-    monkeypatch.setattr(strategies, "SEMANTIC_PROBE", 1)
+    monkeypatch.setattr(strategies, "SEMANTIC_PROBE_FROM", 0)
     monkeypatch.setattr(strategies, "EXPLORE_SHARE", 0.0)
     got = auto.query(cold, 20)
     assert set(auto.reasons(got)) <= {"few-shot probe", "few-shot probe on ImageNet classes"}
     assert list(auto.shares()) == ["few-shot probe + few-shot probe on ImageNet classes"]
+    # both are gated by the count of positives: the probe from SEMANTIC_PROBE_FROM, exploring below EXPLORE_BELOW
+    monkeypatch.setattr(strategies, "SEMANTIC_PROBE_FROM", 4)
+    monkeypatch.setattr(strategies, "EXPLORE_SHARE", 0.1)
+    monkeypatch.setattr(strategies, "EXPLORE_BELOW", 3)
+    auto.query(cold, 20)
+    assert list(auto.shares()) == ["few-shot probe"]
+    monkeypatch.setattr(strategies, "EXPLORE_BELOW", 4)
+    auto.query(cold, 20)
+    assert list(auto.shares()) == ["few-shot probe", "like a found positive, any style"]
     monkeypatch.setattr(strategies, "COLD_START_POSITIVES", 2)
     warm = ctx_for(ids[cluster == 0][:3], scores=np.where(cluster == 0, 0.8, 0.2).astype(np.float32))
     auto.query(warm, 20)
