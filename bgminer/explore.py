@@ -146,7 +146,7 @@ class ProbeRanker(_FeatureRanker):
         # the sample stands in for the whole unlabeled corpus
         unlabeled = len(ctx.ids) - len(np.union1d(ctx.positive_ids, ctx.negative_ids))
         weight = np.where(np.isin(ids, background), max(1.0, unlabeled / max(len(background), 1)), 1.0)
-        self.probe = fit_logistic(self._x(ctx, ids), y, c=PROBE_C, weight=weight, max_iter=PROBE_ITERATIONS)
+        self.probe = fit_logistic(self._x(ctx, ids), y, c=PROBE_C, weight=weight, max_iter=PROBE_ITERATIONS, dtype=np.float32)
 
     def scores(self, ctx: RankContext, ids: np.ndarray) -> np.ndarray:
         return self.probe(self._x(ctx, ids))

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -37,11 +38,20 @@ CHECKPOINT_VERSION = 1
 
 
 class ResidualAdapter(nn.Module):
-    """``h = x + W2 act(W1 x)`` with ``W2`` and its bias at zero, so it starts as the identity."""
+    """``h = x + W2 act(W1 x)`` with ``W2`` and its bias at zero, so it starts as the identity.
 
-    def __init__(self, dim: int, hidden: int):
+    ``W1`` and its bias are drawn as ``nn.Linear`` draws them, U(-1/sqrt(dim), 1/sqrt(dim)), but
+    from a generator seeded with ``seed``, so that a round's model does not depend on what
+    else consumed torch's global random numbers before it."""
+
+    def __init__(self, dim: int, hidden: int, seed: int = 0):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
+        generator = torch.Generator().manual_seed(seed)
+        bound = 1.0 / math.sqrt(dim)
+        with torch.no_grad():
+            self.fc1.weight.uniform_(-bound, bound, generator=generator)
+            self.fc1.bias.uniform_(-bound, bound, generator=generator)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden, dim)
         nn.init.zeros_(self.fc2.weight)

@@ -66,6 +66,20 @@ def test_logistic_probe_separates_and_refuses_one_class():
         fit_logistic(x, np.ones(200, bool))
 
 
+def test_probe_fitted_in_float32_ranks_as_in_float64():
+    """The review strategies fit in float32 for speed; the order they show must not change."""
+    rng = np.random.default_rng(1)
+    x = np.maximum(rng.standard_normal((3000, 64)), 0).astype(np.float32)
+    y = np.zeros(3000, bool)
+    y[:12] = True
+    x[:12, :8] += 1.0
+    exact = fit_logistic(x, y, max_iter=100)(x)
+    fast = fit_logistic(x, y, max_iter=100, dtype=np.float32)(x)
+    top = 100
+    assert len(np.intersect1d(np.argsort(-exact)[:top], np.argsort(-fast)[:top])) >= 0.97 * top
+    assert np.corrcoef(exact, fast)[0, 1] > 0.999
+
+
 def test_probe_ranks_the_seed_cluster_first():
     ids, cluster, _, _ = corpus()
     got = ProbeRanker().rank(ctx_for(ids[cluster == 0][:3]), 30)

@@ -44,6 +44,18 @@ def test_main_head_has_background_plus_one_output_per_category(backbone):
     assert model.mode == "adapter"
 
 
+def test_a_fresh_adapter_model_is_the_same_whatever_ran_before(backbone):
+    """A round's starting weights must not depend on torch's global random state (benchmarks and
+    rounds are reproducible from their seed alone)."""
+    first = build_model("adapter", backbone, ["cat"])
+    torch.rand(1000)  # anything else drawing from the global generator in between
+    second = build_model("adapter", backbone, ["cat"])
+    for (name, a), b in zip(first.state_dict().items(), second.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    bound = 1.0 / 1280**0.5  # nn.Linear's own initial range
+    assert 0.9 * bound < first.trunk.fc1.weight.abs().max() <= bound
+
+
 def test_adapter_reproduces_pretrained_logits_and_features_at_step_0(backbone):
     model = build_model("adapter", backbone, ["cat"])
     x = random_features(16)
